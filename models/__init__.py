@@ -1,0 +1,1 @@
+"""Models layer: the registry, LNLN, HRLF and the MSA metrics. Knows nothing of Ray."""

@@ -1,0 +1,1 @@
+"""Search layer: worker loop, per-pattern evaluation, Tune + Optuna, results store, CLI."""

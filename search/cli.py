@@ -1,0 +1,121 @@
+"""The `msa-search` command line (DESIGN.md, CLI contract).
+
+Every failure a user can cause ends with one line on stderr and a non-zero exit;
+`--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from data_pipeline.atomic import refuse_existing
+from data_pipeline.errors import MsaSearchError
+
+app = typer.Typer(help="Hyperparameter and robustness search for multimodal sentiment analysis under missing modalities.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Synthesize, convert and inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+class DataFormat(str, Enum):
+    parquet = "parquet"
+    mmsa_pkl = "mmsa-pkl"
+
+
+class Preset(str, Enum):
+    mosi = "mosi"
+    mosi_aligned = "mosi-aligned"
+    mosei = "mosei"
+    sims = "sims"
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=err_console, transient=False,
+                    disable=not err_console.is_terminal)  # logs and pipes get the result lines only
+
+
+@data_app.command("synth")
+def data_synth(
+    preset: Preset = typer.Option(..., help="Shapes of which real dataset to imitate."),
+    out: Path = typer.Option(..., help="Output: a directory (parquet) or a .pkl file (mmsa-pkl)."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical data."),
+    scale: float = typer.Option(1.0, help="Multiply the real split sizes (e.g. 0.1 for quick runs)."),
+    format: DataFormat = typer.Option(DataFormat.parquet, "--format", help="parquet store or MMSA pickle."),
+    force: bool = typer.Option(False, help="Replace an existing output."),
+) -> None:
+    """Write a synthetic dataset with a planted, language-dominant sentiment signal."""
+    from data_pipeline.mmsa import write_mmsa
+    from data_pipeline.store import write_store
+    from data_pipeline.synth import split_sizes, synthesize
+
+    refuse_existing(out, force)
+    sizes = split_sizes(preset.value, scale)
+    with _progress() as progress:
+        task = progress.add_task(f"synthesizing {preset.value}", total=sum(sizes.values()) + 1)
+        dataset = synthesize(preset.value, seed=seed, scale=scale, progress=lambda s, n: progress.advance(task, n))
+        progress.update(task, description=f"writing {format.value}")
+        if format is DataFormat.parquet:
+            write_store(dataset, out, force=force)
+        else:
+            write_mmsa(dataset, out, force=force)
+        progress.advance(task)
+    console.print(f"wrote {format.value} {out} ({', '.join(f'{k} {v}' for k, v in sizes.items())})")
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Path = typer.Argument(..., help="An MMSA pickle (aligned_50.pkl, unaligned_50.pkl, ...)."),
+    out: Path = typer.Option(..., help="Output directory for the Parquet dataset."),
+    dataset: str = typer.Option(None, help="Dataset family (mosi, mosei, sims); default: guessed from the file."),
+    force: bool = typer.Option(False, help="Replace an existing output directory."),
+) -> None:
+    """Validate an MMSA pickle and convert it to the Parquet store (atomic: all or nothing)."""
+    from data_pipeline.mmsa import read_mmsa
+    from data_pipeline.store import write_store
+
+    refuse_existing(out, force)
+    with _progress() as progress:
+        task = progress.add_task(f"reading {src.name}", total=4)
+        data = read_mmsa(src, dataset=dataset)
+        progress.advance(task)
+        progress.update(task, description="writing parquet")
+        write_store(data, out, force=force, progress=lambda split: progress.advance(task))
+    console.print(f"wrote {out} ({', '.join(f'{k} {v}' for k, v in data.spec.split_sizes.items())})")
+
+
+@data_app.command("inspect")
+def data_inspect(store: Path = typer.Argument(..., help="A Parquet dataset directory.")) -> None:
+    """Show splits, sizes, dims and the label histogram of a Parquet dataset."""
+    from data_pipeline.inspect import render, summarize
+
+    console.print(render(*summarize(store)))
+
+
+def main() -> None:
+    # Standalone mode: click itself reports usage errors (exit 2); our errors propagate here.
+    try:
+        app()
+    except (MsaSearchError, ValueError, FileNotFoundError, PermissionError) as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny synthetic datasets written to real files in a tmp dir."""
+from __future__ import annotations
+
+import pytest
+
+from data_pipeline.mmsa import write_mmsa
+from data_pipeline.store import write_store
+from data_pipeline.synth import synthesize
+
+
+@pytest.fixture(scope="session")
+def tiny_mosi():
+    """Unaligned MOSI shapes (375 audio / 500 video frames), ~45 samples."""
+    return synthesize("mosi", seed=7, scale=0.02)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_mosi):
+    return write_store(tiny_mosi, tmp_path_factory.mktemp("store") / "mosi")
+
+
+@pytest.fixture(scope="session")
+def tiny_pickle(tmp_path_factory, tiny_mosi):
+    return write_mmsa(tiny_mosi, tmp_path_factory.mktemp("pkl") / "unaligned_50.pkl")

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from search.config import ConfigError, ExperimentConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_every_shipped_config_is_valid():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        assert isinstance(load_config(path), ExperimentConfig), path
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(CONFIGS / "quick.yaml", ["train.epochs=7", "train.lr=3e-4", "model.loss_weights.task=0.5",
+                                               "missing.eval_grid=[complete, 'inter:A+V']", "data.path="])
+    assert cfg.train.epochs == 7 and cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.loss_weights == {"task": 0.5}
+    assert cfg.missing.eval_grid == ["intra:0.0", "inter:A+V"]
+    assert cfg.data.path == ""
+
+
+def test_defaults_hold_out_two_patterns_from_the_objective():
+    cfg = ExperimentConfig()
+    assert len(cfg.missing.eval_grid) == 16
+    assert set(cfg.missing.eval_grid) - set(cfg.search.objective_patterns) == {"intra:0.9", "inter:L+V"}
+
+
+def test_unknown_key_names_the_path_and_the_allowed_keys():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.epochz=3"])
+    message = str(info.value)
+    assert "'train.epochz'" in message and "unknown key" in message and "epochs" in message and "batch_size" in message
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ConfigError, match=r"'trian'.*allowed keys here: data, missing, model, train"):
+        load_config(None, ["trian.epochs=3"])
+
+
+def test_bad_choice_names_the_key_and_the_allowed_values():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.engine=horovod"])
+    message = str(info.value)
+    assert "'train.engine'" in message and "deepspeed" in message and "ddp" in message and "horovod" in message
+
+
+def test_bad_number_and_bad_pattern_name_their_keys():
+    with pytest.raises(ConfigError, match=r"'train.batch_size'.*greater than or equal to 1"):
+        load_config(None, ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"'missing.eval_grid'.*bad missing pattern 'inter:X'"):
+        load_config(None, ["missing.eval_grid=[inter:X]"])
+    with pytest.raises(ConfigError, match=r"'data.scale'"):
+        load_config(None, ["data.scale=-1"])
+
+
+def test_override_into_a_value_and_malformed_override_are_errors():
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(CONFIGS / "quick.yaml", ["train.epochs.x=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "list.yaml"
+    wrong.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(wrong)
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(CONFIGS / "quick.yaml", ["model.loss_weights.adversarial=0.3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
