@@ -85,40 +85,56 @@ class Batch:
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
-def make_batch(
-    data: SplitTensors,
-    rows: np.ndarray,
-    missing: MissingSpec,
-    *,
-    seed: int,
-    epoch: int | None = None,
-) -> Batch:
-    """Gather `rows` of a split and apply `missing` (a Pattern, a TrainingMissing, or None)."""
+@dataclass
+class Rows:
+    """Complete data of some rows of a split, gathered once (several patterns can reuse it)."""
+
+    data: SplitTensors
+    rows: np.ndarray  # (B,) int64
+    features: dict[str, torch.Tensor]  # modality -> (B, T, d)
+    lengths: dict[str, np.ndarray]
+    label: torch.Tensor
+    text_bert: torch.Tensor | None
+
+
+def gather(data: SplitTensors, rows: np.ndarray) -> Rows:
     rows = np.ascontiguousarray(rows, dtype=np.int64)  # torch rejects negative strides (rows[::-1])
     index = torch.from_numpy(rows)
-    spec = data.spec
-    lengths = {m: data.lengths[m][rows] for m in MODALITIES}
+    return Rows(data=data, rows=rows,
+                features={m: data.features[m].index_select(0, index) for m in MODALITIES},
+                lengths={m: data.lengths[m][rows] for m in MODALITIES},
+                label=data.labels.index_select(0, index),
+                text_bert=None if data.text_bert is None else data.text_bert.index_select(0, index))
+
+
+def apply_missing(rows: Rows, missing: MissingSpec, *, seed: int, epoch: int | None = None) -> Batch:
+    """Make gathered rows incomplete with `missing` (a Pattern, a TrainingMissing, or None)."""
+    spec = rows.data.spec
     keep, valid = keep_masks(
-        data.keys[rows], lengths, {m: spec.seq_len(m) for m in MODALITIES}, missing,
-        seed=seed, split=data.split, epoch=epoch, text_special_tokens=spec.text_special_tokens,
+        rows.data.keys[rows.rows], rows.lengths, {m: spec.seq_len(m) for m in MODALITIES}, missing,
+        seed=seed, split=rows.data.split, epoch=epoch, text_special_tokens=spec.text_special_tokens,
     )
     inputs = {}
     for m in MODALITIES:
-        complete = data.features[m].index_select(0, index)
+        complete = rows.features[m]
         keep_t = torch.from_numpy(keep[m])
         inputs[m] = ModalityInput(complete=complete, observed=complete * keep_t.unsqueeze(-1),
                                   valid=torch.from_numpy(valid[m]), keep=keep_t)
-    droppable = droppable_mask(valid["text"], lengths["text"], spec.text_special_tokens)
+    droppable = droppable_mask(valid["text"], rows.lengths["text"], spec.text_special_tokens)
     fraction = torch.from_numpy(drop_fraction(keep["text"], droppable).astype(np.float32))
-    bert_complete = bert_observed = None
-    if data.text_bert is not None:
-        bert_complete = data.text_bert.index_select(0, index)
+    bert_observed = None
+    if rows.text_bert is not None:
         dropped = torch.from_numpy(valid["text"] & ~keep["text"])
-        bert_observed = bert_complete.clone()
-        bert_observed[:, 0] = torch.where(dropped, UNK_TOKEN_ID, bert_complete[:, 0])
-    return Batch(text=inputs["text"], audio=inputs["audio"], vision=inputs["vision"],
-                 label=data.labels.index_select(0, index), text_missing_fraction=fraction,
-                 text_bert_complete=bert_complete, text_bert_observed=bert_observed)
+        bert_observed = rows.text_bert.clone()
+        bert_observed[:, 0] = torch.where(dropped, UNK_TOKEN_ID, rows.text_bert[:, 0])
+    return Batch(text=inputs["text"], audio=inputs["audio"], vision=inputs["vision"], label=rows.label,
+                 text_missing_fraction=fraction, text_bert_complete=rows.text_bert, text_bert_observed=bert_observed)
+
+
+def make_batch(data: SplitTensors, rows: np.ndarray, missing: MissingSpec, *, seed: int,
+               epoch: int | None = None) -> Batch:
+    """Gather `rows` of a split and apply `missing`."""
+    return apply_missing(gather(data, rows), missing, seed=seed, epoch=epoch)
 
 
 def batch_rows(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int,

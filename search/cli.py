@@ -106,6 +106,25 @@ def data_inspect(store: Path = typer.Argument(..., help="A Parquet dataset direc
     console.print(render(*summarize(store)))
 
 
+@app.command("train")
+def train(
+    config: Path = typer.Option(Path("configs/quick.yaml"), "--config", help="Experiment config (YAML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: --set train.epochs=5 (repeatable)."),
+) -> None:
+    """Run one training run: per-epoch metrics on valid and test over the missing-pattern grid."""
+    from .config import load_config
+    from .run import train_in_process
+
+    cfg = load_config(config, set_)
+    if cfg.train.workers != 0:
+        raise MsaSearchError("train.workers >= 1 needs the distributed runner, which is not built yet; "
+                             "use --set train.workers=0 to train in-process")
+    state, out = train_in_process(cfg, console=err_console)
+    last = state.history[-1]
+    console.print(f"done: {out} (config.yaml, results/, checkpoints/); "
+                  f"last epoch valid robust_f1 {last.objective:.4f}")
+
+
 def main() -> None:
     # Standalone mode: click itself reports usage errors (exit 2); our errors propagate here.
     try:

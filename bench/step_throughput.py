@@ -1,0 +1,92 @@
+"""Benchmark: training samples/s and evaluation pattern-samples/s of a registered model.
+
+    python bench/step_throughput.py --model lnln --shape mosi-aligned [--batch-size 64] [--threads 2]
+
+Synthetic data at the real shapes (`mosi-aligned`: 50/50/50 steps; `mosi`: 50 text tokens,
+375 audio and 500 video frames), text as precomputed features, the model's default
+(reference) sizes. Prints `train_samples_per_s=<x>` and `eval_pattern_samples_per_s=<x>`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline.loader import SplitTensors, batch_rows, make_batch  # noqa: E402
+from data_pipeline.missing import default_eval_grid, parse_pattern  # noqa: E402
+from data_pipeline.synth import synthesize  # noqa: E402
+from search.config import ExperimentConfig  # noqa: E402
+from search.evaluate import predict_patterns  # noqa: E402
+from search.trainer import build_state  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="lnln")
+    parser.add_argument("--shape", default="mosi-aligned", choices=["mosi-aligned", "mosi"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=0, help="0: enough for ~20 s")
+    parser.add_argument("--eval-samples", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = ExperimentConfig.model_validate({"model": {"name": args.model},
+                                           "train": {"batch_size": args.batch_size, "epochs": 1}})
+    data = synthesize(args.shape, seed=0, scale=0.3)
+    train = SplitTensors.from_arrays(data.spec, "train", data.split("train"))
+    state = build_state(cfg, train, torch.device("cpu"))
+    model, optimizer = state.model, state.optimizer
+    n_params = sum(p.numel() for p in model.parameters())
+    missing = cfg.missing.training()
+    rows = batch_rows(len(train), args.batch_size, shuffle=True, seed=0, epoch=0)
+    rows = [r for r in rows if len(r) == args.batch_size]
+
+    def step(i: int) -> None:
+        batch = make_batch(train, rows[i % len(rows)], missing, seed=1, epoch=0)
+        out = model(batch, progress=0.5)
+        terms = model.losses(out, batch, state.weights, 0.5)
+        total = sum(state.weights[k] * v for k, v in terms.items())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    model.train()
+    step(0)  # warm-up (allocator, lazy init)
+    first = time.perf_counter()
+    step(1)
+    per_step = time.perf_counter() - first
+    n_steps = args.train_steps or max(3, int(20.0 / max(per_step, 1e-3)))
+    start = time.perf_counter()
+    for i in range(n_steps):
+        step(i + 2)
+    train_rate = n_steps * args.batch_size / (time.perf_counter() - start)
+
+    test = SplitTensors.from_arrays(data.spec, "test", data.split("test"))
+    n_eval = min(args.eval_samples, len(test))
+    sub = SplitTensors(spec=test.spec, split="test", ids=test.ids[:n_eval], keys=test.keys[:n_eval],
+                       labels=test.labels[:n_eval], features={m: t[:n_eval] for m, t in test.features.items()},
+                       lengths={m: l[:n_eval] for m, l in test.lengths.items()},
+                       text_bert=None if test.text_bert is None else test.text_bert[:n_eval])
+    patterns = [parse_pattern(p) for p in default_eval_grid()]
+    predict_patterns(model, sub, patterns[:1], seed=1, batch_size=args.batch_size)  # warm-up
+    start = time.perf_counter()
+    predict_patterns(model, sub, patterns, seed=1, batch_size=args.batch_size)
+    eval_rate = n_eval * len(patterns) / (time.perf_counter() - start)
+
+    print(f"model={args.model} shape={args.shape} batch_size={args.batch_size} threads={args.threads} "
+          f"params={n_params} train_steps={n_steps}")
+    print(f"train_samples_per_s={train_rate:.1f}")
+    print(f"eval_pattern_samples_per_s={eval_rate:.1f}")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

@@ -1,0 +1,284 @@
+"""Shared building blocks for LNLN and HRLF: pre-norm Transformers, learnable-token
+encoders, gradient reversal with its schedule, and small MLP heads.
+
+All attention goes through `F.scaled_dot_product_attention` (fused kernels on CPU and GPU).
+Masks are boolean (B, T_k) with True = attend, as SDPA expects.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# --- Transformer ---------------------------------------------------------------------------
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with inner width heads * dim_head (may exceed dim, as in LNLN).
+
+    q/k/v projections share one weight so self-attention is a single matmul; cross-attention
+    and query-truncated self-attention use row slices of the same weight (views, no copy).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dim_head, self.inner = heads, dim_head, heads * dim_head
+        self.dropout = dropout
+        self.to_qkv = nn.Linear(dim, 3 * self.inner, bias=False)
+        self.to_out = nn.Linear(self.inner, dim)
+        # Below this many queries, query-truncated self-attention folds the projections
+        # (`_absorbed`); it pays while T < d * dim_head / (d - dim_head).
+        self._absorb_below = dim * dim_head // (dim - dim_head) if dim > dim_head else 1 << 30
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, query_len: int | None = None) -> torch.Tensor:
+        """x (B, N, d) already normalized; context (B, M, d) or None for self-attention;
+        mask broadcastable to (B, heads, N, M), bool; query_len keeps only the first queries."""
+        h, dh = self.heads, self.dim_head
+        if context is None and query_len is not None and query_len < self._absorb_below:
+            return self._absorbed(x[:, :query_len], x, mask)
+        if context is None and query_len is None:
+            q, k, v = self.to_qkv(x).unflatten(-1, (3, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            source = x if context is None else context
+            queries = x if query_len is None else x[:, :query_len]
+            w_q, w_kv = self.to_qkv.weight.split([self.inner, 2 * self.inner])
+            q = F.linear(queries, w_q).unflatten(-1, (h, dh)).transpose(1, 2)  # (B, h, N, dh)
+            k, v = F.linear(source, w_kv).unflatten(-1, (2, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, d)
+
+    def _absorbed(self, queries: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None):
+        """Same attention for a few queries without projecting the N keys and values.
+
+        q.k = (W_k^T q).x and the value mix is (attn . x) W_v^T, so folding W_k into the
+        queries and applying W_v after the weighting lets every head attend over the
+        normalized source itself: one SDPA with heads * T queries of width d. This costs
+        about heads * T * N * d instead of N * d * 2 * inner, e.g. 8x less for T = 8.
+        """
+        h, dh = self.heads, self.dim_head
+        b, t, d = queries.shape
+        w_q, w_k, w_v = self.to_qkv.weight.view(3, h, dh, d).unbind(0)  # (h, dh, d) each
+        q = F.linear(queries, w_q.reshape(h * dh, d)).unflatten(-1, (h, dh))  # (B, T, h, dh)
+        q = torch.einsum("bthe,hed->bhtd", q, w_k).reshape(b, 1, h * t, d)  # (B, 1, h*T, d)
+        kv = source.unsqueeze(1)  # (B, 1, N, d)
+        out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=dh ** -0.5,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = torch.einsum("bhtd,hed->bthe", out.view(b, h, t, d), w_v).flatten(2)  # (B, T, inner)
+        return self.to_out(out)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + Attn(LN(x) [, LN(context)]), then x + MLP(LN(x)).
+
+    `cross=True` adds a separate norm for the keys/values source (cross-modal attention).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0,
+                 cross: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim) if cross else None
+        self.attn = Attention(dim, heads, dim_head, dropout)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim, mlp_dim, dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, query_len: int | None = None) -> torch.Tensor:
+        if (context is None) != (self.norm_context is None):
+            raise ValueError("a cross-attention block needs a context, a self-attention block none")
+        ctx = None if context is None else self.norm_context(context)
+        attended = self.attn(self.norm(x), ctx, mask, query_len)
+        x = x if query_len is None else x[:, :query_len]
+        x = x + attended
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm blocks (self- or cross-attention)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
+                 dropout: float = 0.0, cross: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dim_head, mlp_dim, dropout, cross)
+                                    for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, keep_first: int | None = None,
+                return_hidden: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """mask (B, M) bool over the keys (True = attend). keep_first: only the first outputs are
+        wanted, so the last block computes just those queries (exact; saves most of its cost).
+        return_hidden: the input plus every block's output, depth + 1 tensors."""
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M)
+        hidden = [x]
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            x = block(x, context, attn_mask, keep_first if last and not return_hidden else None)
+            hidden.append(x)
+        if return_hidden:
+            return hidden
+        return x if keep_first is None else x[:, :keep_first]
+
+
+# --- encoders with learnable tokens --------------------------------------------------------
+
+class TokenEncoder(nn.Module):
+    """Linear(d_in -> d), prepend T learnable tokens, add learned positions (seq_len + T),
+    Transformer; returns the T token outputs (B, T, d). With tokens=0 it is a plain
+    positional Transformer returning every position (B, N, d).
+
+    Padded positions (mask False) are never attended. With a mask, rows are grouped by their
+    valid length and each group is cut to its own longest row: trailing padding is then
+    neither a key (masked anyway) nor a query (its outputs are never read), so the result is
+    the same while long, mostly padded sequences (MOSI audio/vision) cost far less.
+    """
+
+    def __init__(self, seq_len: int, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
+                 tokens: int = 8, d_in: int | None = None, dropout: float = 0.0,
+                 length_buckets: int = 4):
+        super().__init__()
+        self.seq_len, self.num_tokens, self.length_buckets = seq_len, tokens, length_buckets
+        self.in_proj = nn.Linear(d_in, dim) if d_in is not None else nn.Identity()
+        self.tokens = nn.Parameter(torch.zeros(1, tokens, dim)) if tokens else None
+        # N(0, 1) positions as the reference; the zero tokens are told apart by them.
+        self.pos_embedding = nn.Parameter(torch.randn(1, seq_len + tokens, dim))
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """x (B, N, d_in), N <= seq_len; mask (B, N) bool, True = a real position."""
+        if x.shape[1] > self.seq_len:
+            raise ValueError(f"input length {x.shape[1]} exceeds the encoder's seq_len {self.seq_len}")
+        if mask is None or not self.num_tokens or return_hidden:
+            return self._encode(x, mask, return_hidden)
+        # Effective length: one past the last real position (works for any mask, not only prefixes).
+        positions = torch.arange(1, x.shape[1] + 1, device=x.device)
+        lengths = (mask * positions).amax(dim=1)  # (B,)
+        order = torch.argsort(lengths)
+        groups = [g for g in torch.tensor_split(order, min(self.length_buckets, len(order))) if len(g)]
+        if len(groups) <= 1:
+            cut = int(lengths.max())
+            return self._encode(x[:, :cut], mask[:, :cut])
+        maxima = lengths[order].tensor_split(len(groups))
+        outs = []
+        for rows, lens in zip(groups, maxima):
+            cut = int(lens[-1])  # sorted ascending: the last is the group's longest
+            outs.append(self._encode(x[rows, :cut], mask[rows, :cut]))
+        return torch.cat(outs).index_select(0, torch.argsort(order))  # back to batch order
+
+    def _encode(self, x, mask, return_hidden=False):
+        x = self.in_proj(x)  # (B, N, d)
+        b, n, _ = x.shape
+        if self.tokens is not None:
+            x = torch.cat([self.tokens.expand(b, -1, -1), x], dim=1)  # (B, T + N, d)
+            if mask is not None:
+                mask = F.pad(mask, (self.num_tokens, 0), value=True)  # tokens always attend
+        x = x + self.pos_embedding[:, : x.shape[1]]
+        if mask is not None and bool(mask.all()):
+            mask = None  # nothing to hide: let SDPA take its unmasked path
+        keep = self.num_tokens or None
+        return self.transformer(x, mask=mask, keep_first=keep, return_hidden=return_hidden)
+
+
+class CrossTransformer(nn.Module):
+    """Cross-modal Transformer: queries from `target`, keys/values from `source`, each with a
+    learnable token prepended and learned positions. Returns all target outputs (B, 1 + N_t, d)."""
+
+    def __init__(self, target_len: int, source_len: int, dim: int, depth: int, heads: int,
+                 dim_head: int, mlp_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.target_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.source_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.target_pos = nn.Parameter(torch.randn(1, target_len + 1, dim))
+        self.source_pos = nn.Parameter(torch.randn(1, source_len + 1, dim))
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout, cross=True)
+
+    def forward(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        b = target.shape[0]
+        target = torch.cat([self.target_token.expand(b, -1, -1), target], dim=1)
+        source = torch.cat([self.source_token.expand(b, -1, -1), source], dim=1)
+        target = target + self.target_pos[:, : target.shape[1]]
+        source = source + self.source_pos[:, : source.shape[1]]
+        return self.transformer(target, context=source)
+
+
+# --- gradient reversal (Ganin & Lempitsky, 2015) ---------------------------------------------
+
+class GradReverse(torch.autograd.Function):
+    """Identity forward; gradient times -lambda backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lambd: float) -> torch.Tensor:
+        ctx.lambd = lambd
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * -ctx.lambd, None
+
+
+def grad_reverse(x: torch.Tensor, lambd: float = 1.0) -> torch.Tensor:
+    return GradReverse.apply(x, float(lambd))
+
+
+GRLKind = Literal["constant", "linear", "dann"]
+
+
+def grl_coefficient(progress: float, kind: GRLKind = "constant", lambda_max: float = 1.0,
+                    gamma: float = 10.0, warmup: float = 0.0) -> float:
+    """GRL coefficient at training progress in [0, 1] (spec/lnln.md, adversarial schedule).
+
+    The first `warmup` fraction of progress gives 0; after it, with p the post-warm-up
+    progress rescaled to [0, 1]: constant = lambda_max, linear = lambda_max * p,
+    dann = lambda_max * (2 / (1 + exp(-gamma * p)) - 1) (Ganin et al., 2016).
+    """
+    if not 0.0 <= warmup <= 1.0:
+        raise ValueError(f"GRL warm-up must be a fraction in [0, 1], got {warmup}")
+    progress = min(max(float(progress), 0.0), 1.0)
+    if progress < warmup or warmup >= 1.0:
+        return 0.0
+    p = (progress - warmup) / (1.0 - warmup)
+    if kind == "constant":
+        return float(lambda_max)
+    if kind == "linear":
+        return float(lambda_max * p)
+    if kind == "dann":
+        return float(lambda_max * (2.0 / (1.0 + math.exp(-gamma * p)) - 1.0))
+    raise ValueError(f"unknown GRL schedule '{kind}'; allowed: constant, linear, dann")
+
+
+# --- small heads ---------------------------------------------------------------------------
+
+def mlp(dims: Sequence[int], negative_slope: float = 0.1) -> nn.Sequential:
+    """Linear layers through `dims` with LeakyReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        if i:
+            layers.append(nn.LeakyReLU(negative_slope))
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+class Discriminator(nn.Module):
+    """Per-token classifier d -> hidden -> out (LeakyReLU 0.1); logits (..., out)."""
+
+    def __init__(self, dim: int, hidden_dim: int = 64, out_dim: int = 2):
+        super().__init__()
+        self.net = mlp([dim, hidden_dim, out_dim])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,321 @@
+"""LNLN: Language-dominated Noise-resistant Learning Network (spec/lnln.md).
+
+Zhang et al., "Towards Robust Multimodal Sentiment Analysis with Incomplete Data",
+NeurIPS 2024. Modules below are in data-flow order: embedding -> Dominant Modality
+Correction (completeness check, proxy generator, effectiveness discriminator) -> Dominant
+Modality based Multimodal Learning (language encoder, hyper-modality, fusion) ->
+reconstructor (training only).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_pipeline.loader import Batch
+from data_pipeline.presets import MODALITIES
+from data_pipeline.schema import DataSpec
+
+from .config import ModelConfig
+from .layers import CrossTransformer, Discriminator, TokenEncoder, grad_reverse, grl_coefficient, mlp
+from .registry import ADVERSARIAL_SPACE, OPTIMIZER_SPACE, Dist, ModelEntry, register
+
+
+class CompletenessCheck(nn.Module):
+    """Transformer over [1 token ; H_L] -> MLP(d -> d/2 -> 1) -> sigmoid = w (B, 1)."""
+
+    def __init__(self, tokens: int, dim: int, **block):
+        super().__init__()
+        self.encoder = TokenEncoder(tokens, dim, tokens=1, **block)
+        self.head = mlp([dim, dim // 2, 1])
+
+    def forward(self, h_l: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(self.encoder(h_l)[:, 0]))  # (B, 1)
+
+
+class HyperModalityLayer(nn.Module):
+    """Delta for H_hyper: Attn(q=H_D^j, k=v=H_A) + Attn(q=H_D^j, k=v=H_V), pre-norm on each input.
+
+    The T queries come from the language layer; the output is added to the T hyper tokens.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.dim_head, inner = heads, dim_head, heads * dim_head
+        self.norm_d, self.norm_a, self.norm_v = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv_a = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_kv_v = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, h_d: torch.Tensor, h_a: torch.Tensor, h_v: torch.Tensor) -> torch.Tensor:
+        h, dh = self.heads, self.dim_head
+        q = self.to_q(self.norm_d(h_d)).unflatten(-1, (h, dh)).transpose(1, 2)  # (B, h, T, dh)
+        out = 0
+        for norm, to_kv, x in ((self.norm_a, self.to_kv_a, h_a), (self.norm_v, self.to_kv_v, h_v)):
+            k, v = to_kv(norm(x)).unflatten(-1, (2, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
+            out = out + F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, T, d)
+
+
+class HyperModality(nn.Module):
+    """Adaptive hyper-modality learning: one layer per language-encoder output H_D^j."""
+
+    def __init__(self, layers: int, tokens: int, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.hyper_tokens = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.layers = nn.ModuleList(HyperModalityLayer(dim, heads, dim_head) for _ in range(layers))
+
+    def forward(self, h_d_list, h_a, h_v) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> H_hyper (B, T, d) and the mean |delta| over layers (the sparsity term)."""
+        h_hyper = self.hyper_tokens.expand(h_a.shape[0], -1, -1)
+        shift = h_a.new_zeros(())
+        for layer, h_d in zip(self.layers, h_d_list):
+            delta = layer(h_d, h_a, h_v)
+            h_hyper = h_hyper + delta
+            shift = shift + delta.abs().mean()
+        return h_hyper, shift / len(self.layers)
+
+
+class Fusion(nn.Module):
+    """Cross-modal Transformer, then mean over the non-prepended outputs -> Linear(d -> 1)."""
+
+    def __init__(self, tokens: int, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
+                 dropout: float, query: Literal["hyper", "language"]):
+        super().__init__()
+        self.query = query
+        self.transformer = CrossTransformer(tokens, tokens, dim, depth, heads, dim_head, mlp_dim, dropout)
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, h_hyper: torch.Tensor, h_language: torch.Tensor) -> torch.Tensor:
+        if self.query == "hyper":  # spec/lnln.md: queries from H_hyper, keys/values from H_D^3
+            out = self.transformer(h_hyper, h_language)
+        else:  # the reference code's argument order: queries from H_D^3
+            out = self.transformer(h_language, h_hyper)
+        return self.head(out[:, 1:].mean(dim=1)).squeeze(-1)  # (B,)
+
+
+class LNLN(nn.Module):
+    # Reference defaults (spec/lnln.md, "Losses"); the trainer weights the terms.
+    LOSS_TERMS = {"task": 1.0, "completeness": 0.9, "adversarial": 0.8, "reconstruction": 0.1, "sparsity": 0.0}
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: DataSpec,
+        *,
+        tokens: int = 8,
+        depth: int = 2,
+        fusion_depth: int | None = None,  # None: 2 for MOSI, 4 for MOSEI/SIMS
+        dim_head: int = 64,
+        hyper_dim_head: int | None = None,  # None: hidden // heads, as the reference
+        mlp_dim: int = 128,
+        task_loss: Literal["mse", "l1"] = "mse",
+        grl_kind: Literal["constant", "linear", "dann"] = "constant",
+        lambda_max: float = 1.0,
+        grl_gamma: float = 10.0,
+        adv_warmup: float = 0.0,
+        # "adversarial": only the discriminator sees the reversed H_P (DANN); "shared": the
+        # reversed H_P also feeds the prediction, as the reference code does.
+        grl_placement: Literal["adversarial", "shared"] = "adversarial",
+        fusion_query: Literal["hyper", "language"] = "hyper",
+        detach_reconstruction_target: bool = False,
+        length_buckets: int = 4,
+    ):
+        super().__init__()
+        if task_loss not in ("mse", "l1"):
+            raise ValueError(f"unknown task_loss '{task_loss}'; allowed: mse, l1")
+        if grl_placement not in ("adversarial", "shared"):
+            raise ValueError(f"unknown grl_placement '{grl_placement}'; allowed: adversarial, shared")
+        if fusion_query not in ("hyper", "language"):
+            raise ValueError(f"unknown fusion_query '{fusion_query}'; allowed: hyper, language")
+        grl_coefficient(0.0, grl_kind, lambda_max, grl_gamma, adv_warmup)  # validates the schedule
+        d, heads = cfg.hidden_dim, cfg.num_heads
+        if fusion_depth is None:
+            fusion_depth = 4 if spec.name.split("-")[0] in ("mosei", "sims") else 2
+        self.tokens, self.task_loss = tokens, task_loss
+        self.grl_kind, self.lambda_max, self.grl_gamma = grl_kind, lambda_max, grl_gamma
+        self.adv_warmup, self.grl_placement = adv_warmup, grl_placement
+        self.detach_reconstruction_target = detach_reconstruction_target
+        self.force_completeness: float | None = None  # tests / ablations: w fixed to this value
+        block = dict(depth=depth, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim, dropout=cfg.dropout)
+
+        # 1. Embedding: per modality, Linear + Transformer over [T tokens ; sequence] -> H_m (B, T, d).
+        self.bert = _load_bert(cfg, spec) if cfg.text_encoder == "bert" else None
+        text_dim = self.bert.config.hidden_size if self.bert is not None else spec.text_dim
+        dims = {"text": text_dim, "audio": spec.audio_dim, "vision": spec.vision_dim}
+        self.embeddings = nn.ModuleDict({
+            m: TokenEncoder(spec.seq_len(m), d, tokens=tokens, d_in=dims[m], length_buckets=length_buckets, **block)
+            for m in MODALITIES
+        })
+        # 2. Dominant Modality Correction.
+        self.completeness_check = CompletenessCheck(tokens, d, **block)
+        self.proxy_generator = TokenEncoder(2 * tokens, d, tokens=tokens, **block)  # [T ; H_A ; H_V]
+        self.discriminator = Discriminator(d, 64, 2)
+        # 3. Dominant Modality based Multimodal Learning.
+        self.language_encoder = TokenEncoder(tokens, d, tokens=0, **block)  # keeps depth + 1 outputs
+        self.hyper_modality = HyperModality(depth + 1, tokens, d, heads, hyper_dim_head or d // heads)
+        self.fusion = Fusion(tokens, d, fusion_depth, heads, dim_head, mlp_dim, cfg.dropout, fusion_query)
+        # 4. Reconstructor (training only): incomplete H_m -> complete H_m.
+        self.reconstructor = nn.ModuleDict({m: TokenEncoder(tokens, d, tokens=0, **block) for m in MODALITIES})
+
+    def forward(self, batch: Batch, progress: float = 0.0, force_completeness: float | None = None) -> dict:
+        """Returns prediction (B,), completeness w (B, 1), features H_m, proxy H_P, corrected H_D,
+        hyper_shift (scalar), grl_lambda, adversarial_active; in training mode also
+        complete_features, reconstructed (dicts of (B, T, d)) and discriminator_logits (2B, T, 2)."""
+        training = self.training
+        h, h_complete = self._embed(batch, with_complete=training)
+        h_l, h_a, h_v = h["text"], h["audio"], h["vision"]  # (B, T, d)
+
+        w = self.completeness_check(h_l)  # (B, 1)
+        forced = self.force_completeness if force_completeness is None else force_completeness
+        if forced is not None:
+            w = torch.full_like(w, float(forced))
+        h_p = self.proxy_generator(torch.cat([h_a, h_v], dim=1))  # (B, T, d)
+        w3 = w.unsqueeze(-1)  # (B, 1, 1)
+        lam = grl_coefficient(progress, self.grl_kind, self.lambda_max, self.grl_gamma, self.adv_warmup)
+        # H_D = w * H_L + (1 - w) * H_P; H_P enters the adversarial path through the GRL.
+        h_d_adv = None
+        if training or self.grl_placement == "shared":
+            h_d_adv = w3 * h_l + (1 - w3) * grad_reverse(h_p, lam)
+        h_d = h_d_adv if self.grl_placement == "shared" else w3 * h_l + (1 - w3) * h_p
+
+        h_d_list = self.language_encoder(h_d, return_hidden=True)  # [H_D^1, H_D^2, H_D^3]
+        h_hyper, hyper_shift = self.hyper_modality(h_d_list, h_a, h_v)
+        prediction = self.fusion(h_hyper, h_d_list[-1])  # (B,)
+
+        out = {"prediction": prediction, "completeness": w, "features": h, "proxy": h_p,
+               "corrected": h_d, "hyper_shift": hyper_shift, "grl_lambda": lam,
+               "adversarial_active": progress >= self.adv_warmup}
+        if training:
+            # Effectiveness discriminator: tokens of H_D (label 1) vs complete-input H_L (label 0).
+            out["discriminator_inputs"] = torch.cat([h_d_adv, h_complete["text"]])  # (2B, T, d)
+            out["discriminator_logits"] = self.discriminator(out["discriminator_inputs"])
+            out["reconstructed"] = {m: self.reconstructor[m](h[m]) for m in MODALITIES}
+            out["complete_features"] = h_complete
+        return out
+
+    def _embed(self, batch: Batch, with_complete: bool):
+        """H_m of the incomplete input and, when asked, of the complete input (same modules).
+
+        The complete pass only runs on rows that missing changed: elsewhere the complete
+        features are the same tensor as the incomplete ones, which gives the same values and
+        the same gradients as encoding them twice.
+        """
+        h, h_complete = {}, {}
+        for m in MODALITIES:
+            observed, complete, mask = self._inputs(batch, m)
+            if not with_complete:
+                h[m] = self._encode(m, observed, mask)
+                continue
+            b = observed.shape[0]
+            changed = (observed != complete).flatten(1).any(dim=1).nonzero().squeeze(1)  # (k,)
+            both = self._encode(m, torch.cat([observed, complete.index_select(0, changed)]),
+                                torch.cat([mask, mask.index_select(0, changed)]))  # (B + k, T, d)
+            h[m] = both[:b]
+            h_complete[m] = both[:b].index_copy(0, changed, both[b:])
+        return h, h_complete
+
+    def _inputs(self, batch: Batch, m: str):
+        """(observed, complete, key mask) in the form the modality's embedding consumes."""
+        if m == "text" and self.bert is not None:
+            ids = batch.text_bert_observed  # (B, 3, L): ids / attention mask / token types
+            return ids, batch.text_bert_complete, ids[:, 1].bool()
+        x = batch.modality(m)
+        # Dropped positions are zeros but stay attended (missing.md); only padding is masked.
+        return x.observed, x.complete, x.valid
+
+    def _encode(self, m: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if m == "text" and self.bert is not None:
+            x = self.bert(input_ids=x[:, 0], attention_mask=x[:, 1], token_type_ids=x[:, 2]).last_hidden_state
+        return self.embeddings[m](x, mask)
+
+    def discriminator_parameters(self):
+        return self.discriminator.parameters()
+
+    def discriminator_loss(self, outputs: dict) -> torch.Tensor:
+        """The discriminator's own loss on detached features: extra discriminator steps
+        (model.adversarial.disc_steps > 1) update the discriminator alone."""
+        return self._discriminator_ce(self.discriminator(outputs["discriminator_inputs"].detach()))
+
+    @staticmethod
+    def _discriminator_ce(logits: torch.Tensor) -> torch.Tensor:
+        # First half of the rows are H_D tokens (label 1), second half complete H_L (label 0).
+        half = logits.shape[0] // 2 * logits.shape[1]
+        target = torch.cat([torch.ones(half, dtype=torch.long), torch.zeros(half, dtype=torch.long)])
+        return F.cross_entropy(logits.flatten(0, 1), target.to(logits.device))
+
+    def losses(self, outputs: dict, batch: Batch, weights: dict[str, float] | None = None,
+               progress: float = 0.0) -> dict[str, torch.Tensor]:
+        """The unweighted terms named in LOSS_TERMS (scalars). `weights` is unused: the trainer
+        weights the terms. Outside training mode the adversarial and reconstruction terms are 0."""
+        pred = outputs["prediction"]
+        label = batch.label.to(pred.dtype)
+        task = F.mse_loss(pred, label) if self.task_loss == "mse" else F.l1_loss(pred, label)
+        w = outputs["completeness"].squeeze(-1)  # (B,)
+        completeness = F.mse_loss(w, 1.0 - batch.text_missing_fraction.to(w.dtype))
+        adversarial = reconstruction = pred.new_zeros(())
+        logits = outputs.get("discriminator_logits")
+        if logits is not None:
+            adversarial = self._discriminator_ce(logits)
+            if progress < self.adv_warmup:  # adversarial warm-up: beta is effectively 0
+                adversarial = adversarial * 0.0
+            # The reference regresses onto complete features that keep their gradient (the
+            # embeddings also move towards what the reconstructor predicts); the option detaches.
+            terms = []
+            for m in MODALITIES:
+                target_m = outputs["complete_features"][m]
+                if self.detach_reconstruction_target:
+                    target_m = target_m.detach()
+                terms.append(F.mse_loss(outputs["reconstructed"][m], target_m))
+            reconstruction = torch.stack(terms).mean()
+        # Sparsity: L1 of the hyper-modality updates. (L1 of softmax attention weights is
+        # constant, each row sums to 1, so it could not steer anything.)
+        return {"task": task, "completeness": completeness, "adversarial": adversarial,
+                "reconstruction": reconstruction, "sparsity": outputs["hyper_shift"]}
+
+
+def _load_bert(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    """A local BERT for text_encoder: bert (weights are never downloaded at run time)."""
+    if not spec.has_text_bert:
+        raise ValueError(f"text_encoder 'bert' needs BERT token ids, which dataset '{spec.name}' lacks; "
+                         "use model.text_encoder: features")
+    if not cfg.bert_path or not Path(cfg.bert_path).is_dir():
+        raise ValueError(f"text_encoder 'bert' needs model.bert_path to name a local directory of BERT "
+                         f"weights (got '{cfg.bert_path}'); weights are never downloaded at run time")
+    try:
+        from transformers import BertModel
+    except ImportError:
+        raise ValueError("text_encoder 'bert' needs the 'transformers' package (pip install transformers); "
+                         "or use model.text_encoder: features") from None
+    return BertModel.from_pretrained(cfg.bert_path, local_files_only=True)
+
+
+def build_lnln(cfg: ModelConfig, spec: DataSpec) -> LNLN:
+    adv = cfg.adversarial
+    # Adversarial warm-up is applied by the trainer (the term's weight is 0 for
+    # adv.warmup_epochs epochs), so the model's own progress-based warm-up stays off.
+    return LNLN(cfg, spec, tokens=cfg.tokens, depth=cfg.depth, fusion_depth=cfg.fusion_depth,
+                dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim, task_loss=cfg.task_loss, grl_kind=adv.schedule,
+                lambda_max=adv.lambda_max, grl_gamma=adv.gamma)
+
+
+register(ModelEntry(
+    name="lnln",
+    builder=build_lnln,
+    loss_terms=dict(LNLN.LOSS_TERMS),
+    search_space={
+        "model.loss_weights.completeness": Dist("uniform", 0.0, 1.5),
+        "model.loss_weights.adversarial": Dist("uniform", 0.0, 1.5),
+        "model.loss_weights.reconstruction": Dist("loguniform", 1e-3, 1.0),
+        "model.loss_weights.sparsity": Dist("uniform", 0.0, 0.1),
+        **ADVERSARIAL_SPACE,
+        **OPTIMIZER_SPACE,
+    },
+    adversarial_terms=("adversarial",),
+    selection_metric="robust_f1",
+    description="Language-dominated Noise-resistant Learning Network (Zhang et al., NeurIPS 2024)",
+))

@@ -1,0 +1,195 @@
+"""The model-agnostic training loop: AdamW, warm-up + cosine, clipping, per-epoch evaluation.
+
+It knows a model only through its registry entry (builder, loss terms, adversarial terms)
+and the module interface `forward(batch, progress)` / `losses(outputs, batch, weights,
+progress)`. The in-process `msa-search train` and the distributed workers both run it.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_pipeline.errors import MsaSearchError
+from data_pipeline.loader import SplitTensors, batch_rows, make_batch
+from models.metrics import robust_f1
+from models.registry import ModelEntry, get_model
+
+from .config import ExperimentConfig
+from .evaluate import PatternResult, evaluate_patterns
+
+
+class TrainingDiverged(MsaSearchError):
+    """The loss became NaN/Inf: the trial ends with this reason; a search goes on."""
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    losses: dict[str, float]  # mean unweighted term values over the epoch, plus "total"
+    results: dict[str, list[PatternResult]]  # split -> one row per pattern
+    objective: float  # robust_f1 on valid over the objective patterns
+    train_time_s: float
+    eval_time_s: float
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    entry: ModelEntry
+    weights: dict[str, float]
+    disc_optimizer: torch.optim.Optimizer | None = None  # extra discriminator steps only
+    epoch: int = 0  # next epoch to run
+    history: list[EpochReport] = field(default_factory=list)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise MsaSearchError("train.device: cuda was asked for but no GPU is visible")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the base lr, then cosine decay to 0 (LNLN's reference schedule)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        rest = max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / rest)))
+    return factor
+
+
+def steps_per_epoch(n_train: int, cfg: ExperimentConfig, world_size: int = 1) -> int:
+    return len(batch_rows(n_train, cfg.train.batch_size, shuffle=False, seed=0, epoch=0,
+                          rank=0, world_size=world_size))
+
+
+def build_state(cfg: ExperimentConfig, train: SplitTensors, device: torch.device, world_size: int = 1) -> TrainState:
+    seed_everything(cfg.train.seed)
+    entry = get_model(cfg.model.name)
+    weights = entry.loss_weights(cfg.model.loss_weights)
+    model = entry.build(cfg.model, train.spec).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    per_epoch = -(-steps_per_epoch(len(train), cfg, world_size) // cfg.train.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.train.warmup_epochs * per_epoch, cfg.train.epochs * per_epoch))
+    disc_optimizer = None
+    if cfg.model.adversarial.disc_steps > 1 and hasattr(model, "discriminator_loss"):
+        disc_optimizer = torch.optim.AdamW(model.discriminator_parameters(), lr=cfg.train.lr,
+                                           weight_decay=cfg.train.weight_decay)
+    return TrainState(model, optimizer, scheduler, entry, weights, disc_optimizer)
+
+
+def epoch_weights(state: TrainState, cfg: ExperimentConfig, epoch: int) -> dict[str, float]:
+    """Loss weights for an epoch: adversarial terms are off during the adversarial warm-up."""
+    if epoch < cfg.model.adversarial.warmup_epochs:
+        return {k: (0.0 if k in state.entry.adversarial_terms else w) for k, w in state.weights.items()}
+    return state.weights
+
+
+def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, device: torch.device, *,
+                rank: int = 0, world_size: int = 1, on_step: Callable[[int, int, dict], None] | None = None,
+                step_fn: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+    """One epoch over this rank's shard. Returns the mean of each loss term and of the total.
+
+    `step_fn(total_loss)` replaces backward/clip/step (the DeepSpeed engine does its own).
+    """
+    epoch, model = state.epoch, state.model
+    model.train()
+    weights = epoch_weights(state, cfg, epoch)
+    training_missing = cfg.missing.training()
+    batches = batch_rows(len(train), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, epoch=epoch,
+                         rank=rank, world_size=world_size)
+    sums: dict[str, float] = {}
+    for step, rows in enumerate(batches):
+        batch = make_batch(train, rows, training_missing, seed=cfg.missing.seed, epoch=epoch).to(device)
+        progress = (epoch + step / len(batches)) / cfg.train.epochs
+        outputs = model(batch, progress=progress)
+        terms = model.losses(outputs, batch, weights, progress)
+        total = sum(weights[name] * value for name, value in terms.items())
+        if not torch.isfinite(total):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            raise TrainingDiverged(f"loss is {total.item()} at epoch {epoch} step {step} ({detail})")
+        if step_fn is not None:
+            step_fn(total)
+        else:
+            (total / cfg.train.grad_accum).backward()
+            if (step + 1) % cfg.train.grad_accum == 0 or step + 1 == len(batches):
+                if cfg.train.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                state.optimizer.step()
+                state.optimizer.zero_grad(set_to_none=True)
+                state.scheduler.step()
+        extra_discriminator_steps(state, cfg, outputs)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        sums["total"] = sums.get("total", 0.0) + float(total.detach())
+        if on_step is not None:
+            on_step(step + 1, len(batches), {k: v / (step + 1) for k, v in sums.items()})
+    return {k: v / len(batches) for k, v in sums.items()}
+
+
+def extra_discriminator_steps(state: TrainState, cfg: ExperimentConfig, outputs: dict) -> None:
+    """`model.adversarial.disc_steps - 1` extra updates of the discriminator alone, on the
+    step's detached features (models expose `discriminator_loss` / `discriminator_parameters`)."""
+    if state.disc_optimizer is None:
+        return
+    for _ in range(cfg.model.adversarial.disc_steps - 1):
+        state.disc_optimizer.zero_grad(set_to_none=True)
+        state.model.discriminator_loss(outputs).backward()
+        state.disc_optimizer.step()
+    # Leave no discriminator gradient behind for the next generator step.
+    state.disc_optimizer.zero_grad(set_to_none=True)
+
+
+def evaluate_epoch(model: nn.Module, cfg: ExperimentConfig, splits: dict[str, SplitTensors],
+                   device: torch.device) -> dict[str, list[PatternResult]]:
+    patterns = cfg.missing.patterns()
+    return {name: evaluate_patterns(model, data, patterns, seed=cfg.missing.seed,
+                                    batch_size=max(cfg.train.batch_size, 128), device=device)
+            for name, data in splits.items()}
+
+
+def objective_value(results: dict[str, list[PatternResult]], cfg: ExperimentConfig) -> float:
+    by_pattern = {r.pattern.name: r.metrics for r in results["valid"]}
+    wanted = [p for p in cfg.search.objective_patterns if p in by_pattern] or list(by_pattern)
+    return robust_f1(by_pattern, wanted)
+
+
+def fit(cfg: ExperimentConfig, splits: dict[str, SplitTensors], *, device: torch.device | None = None,
+        on_epoch: Callable[[TrainState, EpochReport], None] | None = None,
+        on_step: Callable[[int, int, dict], None] | None = None,
+        state: TrainState | None = None) -> TrainState:
+    """Train for `cfg.train.epochs` (from `state.epoch` when resuming), evaluating valid and
+    test over the grid after every epoch."""
+    device = device or resolve_device(cfg.train.device)
+    state = state or build_state(cfg, splits["train"], device)
+    evaluated = {k: v for k, v in splits.items() if k in ("valid", "test")}
+    while state.epoch < cfg.train.epochs:
+        start = time.perf_counter()
+        losses = train_epoch(state, cfg, splits["train"], device, on_step=on_step)
+        mid = time.perf_counter()
+        results = evaluate_epoch(state.model, cfg, evaluated, device)
+        report = EpochReport(state.epoch, losses, results, objective_value(results, cfg), mid - start,
+                             time.perf_counter() - mid)
+        state.history.append(report)
+        state.epoch += 1
+        if on_epoch is not None:
+            on_epoch(state, report)
+    return state

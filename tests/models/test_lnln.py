@@ -1,0 +1,277 @@
+"""LNLN and its shared layers: shapes, loss terms, GRL, DMC gating, eval economy (spec/lnln.md)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import models.lnln as lnln_module
+from data_pipeline.loader import Batch, ModalityInput, SplitTensors, make_batch
+from data_pipeline.missing import TrainingMissing
+from data_pipeline.schema import DataSpec
+from data_pipeline.synth import synthesize
+from models.config import ModelConfig
+from models.layers import Attention, TokenEncoder, grad_reverse, grl_coefficient
+from models.lnln import LNLN
+
+SPEC = DataSpec(name="mosi-aligned", text_len=12, audio_len=10, vision_len=9, text_dim=16, audio_dim=5,
+                vision_dim=7, label_min=-3.0, label_max=3.0, has_text_bert=False, text_special_tokens=False)
+CFG = ModelConfig(hidden_dim=32, num_heads=4)
+TINY = dict(tokens=4, dim_head=8, mlp_dim=32)
+B = 6
+
+
+def tiny_model(**options) -> LNLN:
+    torch.manual_seed(0)
+    return LNLN(CFG, SPEC, **{**TINY, **options})
+
+
+def tiny_batch(seed: int = 0, rate: float = 0.5) -> Batch:
+    """Random features, random lengths, each valid position dropped with probability `rate`."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for m in ("text", "audio", "vision"):
+        n, d = SPEC.seq_len(m), SPEC.dim(m)
+        lengths = torch.randint(2, n + 1, (B,), generator=g)
+        lengths[0] = n  # one full-length row
+        valid = torch.arange(n)[None, :] < lengths[:, None]
+        keep = valid & (torch.rand(B, n, generator=g) >= rate)
+        keep[1] = valid[1]  # one row untouched by missing
+        complete = torch.randn(B, n, d, generator=g) * valid[..., None]
+        inputs[m] = ModalityInput(complete=complete, observed=complete * keep[..., None], valid=valid, keep=keep)
+    text = inputs["text"]
+    fraction = 1.0 - text.keep.sum(1) / text.valid.sum(1)
+    return Batch(text=text, audio=inputs["audio"], vision=inputs["vision"],
+                 label=torch.randn(B, generator=g) * 2, text_missing_fraction=fraction.float())
+
+
+def grads(model, loss, module) -> torch.Tensor:
+    model.zero_grad()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+
+
+# --- shapes and loss terms -------------------------------------------------------------------
+
+def test_forward_shapes_in_train_and_eval():
+    model, batch = tiny_model(), tiny_batch()
+    out = model.train()(batch)
+    assert out["prediction"].shape == (B,)
+    assert out["completeness"].shape == (B, 1)
+    assert out["discriminator_logits"].shape == (2 * B, 4, 2)
+    for m in ("text", "audio", "vision"):
+        assert out["features"][m].shape == out["complete_features"][m].shape == (B, 4, 32)
+        assert out["reconstructed"][m].shape == (B, 4, 32)
+    with torch.no_grad():
+        out = model.eval()(batch)
+    assert out["prediction"].shape == (B,) and out["corrected"].shape == (B, 4, 32)
+
+
+def test_losses_are_exactly_the_named_terms_finite_and_nonzero():
+    model, batch = tiny_model(), tiny_batch()
+    terms = model.train().losses(model(batch), batch)
+    assert set(terms) == set(LNLN.LOSS_TERMS) == {"task", "completeness", "adversarial", "reconstruction", "sparsity"}
+    for name, value in terms.items():
+        assert value.dim() == 0, name
+        assert torch.isfinite(value) and value.item() != 0.0, name
+    assert LNLN.LOSS_TERMS == {"task": 1.0, "completeness": 0.9, "adversarial": 0.8, "reconstruction": 0.1,
+                               "sparsity": 0.0}
+
+
+def test_train_step_on_pipeline_batch_updates_every_trained_module():
+    ds = synthesize("mosi-aligned", seed=3, scale=0.01)
+    data = SplitTensors.from_arrays(ds.spec, "train", ds.split("train"))
+    batch = make_batch(data, np.arange(min(8, len(data))), TrainingMissing(), seed=1, epoch=0)
+    torch.manual_seed(0)
+    model = LNLN(CFG, ds.spec, **TINY).train()
+    terms = model.losses(model(batch, progress=0.5), batch, progress=0.5)
+    sum(LNLN.LOSS_TERMS[k] * v for k, v in terms.items()).backward()
+    for name in ("embeddings", "completeness_check", "proxy_generator", "discriminator", "language_encoder",
+                 "hyper_modality", "fusion", "reconstructor"):
+        module = getattr(model, name)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), name
+
+
+def test_l1_task_loss_option_gives_mean_absolute_error():
+    model, batch = tiny_model(task_loss="l1"), tiny_batch()
+    out = model.eval()(batch)
+    expected = (out["prediction"] - batch.label).abs().mean()
+    assert torch.allclose(model.losses(out, batch)["task"], expected)
+
+
+# --- gradient reversal -------------------------------------------------------------------------
+
+def adversarial_grad_on_proxy(model, batch, progress=0.0):
+    out = model.train()(batch, progress=progress)
+    return grads(model, model.losses(out, batch, progress=progress)["adversarial"], model.proxy_generator)
+
+
+@pytest.mark.parametrize("lambda_max", [1.0, 0.5])
+def test_grl_reverses_adversarial_gradient_reaching_proxy_generator(monkeypatch, lambda_max):
+    model, batch = tiny_model(lambda_max=lambda_max), tiny_batch()
+    reversed_grad = adversarial_grad_on_proxy(model, batch)
+    monkeypatch.setattr(lnln_module, "grad_reverse", lambda x, lambd: x)  # GRL as plain identity
+    plain_grad = adversarial_grad_on_proxy(model, batch)
+    assert plain_grad.abs().sum() > 0
+    assert torch.allclose(reversed_grad, -lambda_max * plain_grad, atol=1e-7)
+    cosine = torch.nn.functional.cosine_similarity(reversed_grad, plain_grad, dim=0)
+    assert cosine < -0.999
+
+
+def test_task_gradient_is_reversed_only_with_shared_grl_placement(monkeypatch):
+    batch = tiny_batch()
+
+    def task_grad(model):
+        return grads(model, model.losses(model.train()(batch), batch)["task"], model.proxy_generator)
+
+    default, shared = tiny_model(), tiny_model(grl_placement="shared")
+    g_default, g_shared = task_grad(default), task_grad(shared)
+    monkeypatch.setattr(lnln_module, "grad_reverse", lambda x, lambd: x)
+    g_plain = task_grad(tiny_model())
+    assert torch.allclose(g_default, g_plain, atol=1e-7)  # DANN: only the discriminator path reverses
+    assert torch.allclose(g_shared, -g_plain, atol=1e-7)  # the reference code's placement
+
+
+def test_grad_reverse_is_identity_forward_and_scaled_negation_backward():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = grad_reverse(x, 0.3)
+    assert torch.equal(y, x)
+    y.backward(torch.ones_like(y))
+    assert torch.allclose(x.grad, torch.full_like(x, -0.3))
+
+
+def test_grl_coefficient_schedules():
+    assert [grl_coefficient(p, "constant", 2.0) for p in (0.0, 0.5, 1.0)] == [2.0, 2.0, 2.0]
+    assert [grl_coefficient(p, "linear", 2.0) for p in (0.0, 0.5, 1.0)] == [0.0, 1.0, 2.0]
+    dann = [grl_coefficient(p, "dann", 1.0, gamma=10.0) for p in (0.0, 0.5, 1.0)]
+    assert dann[0] == 0.0
+    assert math.isclose(dann[1], 2 / (1 + math.exp(-5)) - 1) and math.isclose(dann[2], 2 / (1 + math.exp(-10)) - 1)
+    # Warm-up: zero for the first fraction, then the schedule over the remaining progress.
+    assert grl_coefficient(0.1, "constant", 1.0, warmup=0.2) == 0.0
+    assert grl_coefficient(0.2, "constant", 1.0, warmup=0.2) == 1.0
+    assert grl_coefficient(0.6, "linear", 1.0, warmup=0.2) == pytest.approx(0.5)
+    assert grl_coefficient(1.0, "linear", 1.0, warmup=0.2) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="constant, linear, dann"):
+        grl_coefficient(0.5, "cosine")
+
+
+def test_adversarial_warmup_zeroes_the_term_and_the_grl():
+    model, batch = tiny_model(adv_warmup=0.5), tiny_batch()
+    early = model.train()(batch, progress=0.2)
+    assert early["grl_lambda"] == 0.0 and early["adversarial_active"] is False
+    assert model.losses(early, batch, progress=0.2)["adversarial"].item() == 0.0
+    late = model(batch, progress=0.7)
+    assert late["grl_lambda"] == 1.0 and late["adversarial_active"] is True
+    assert model.losses(late, batch, progress=0.7)["adversarial"].item() > 0.0
+
+
+# --- Dominant Modality Correction gating -------------------------------------------------------
+
+@torch.no_grad()
+def test_completeness_one_makes_prediction_ignore_proxy_generator():
+    model, batch = tiny_model().eval(), tiny_batch()
+
+    def perturbed_change(w):
+        before = model(batch, force_completeness=w)["prediction"]
+        saved = [p.clone() for p in model.proxy_generator.parameters()]
+        for p in model.proxy_generator.parameters():
+            p.add_(torch.randn_like(p))
+        after = model(batch, force_completeness=w)["prediction"]
+        for p, s in zip(model.proxy_generator.parameters(), saved):
+            p.copy_(s)
+        return (after - before).abs().max().item()
+
+    assert perturbed_change(1.0) == 0.0
+    assert perturbed_change(0.5) > 1e-4  # the same perturbation matters when the proxy is mixed in
+
+
+@torch.no_grad()
+def test_completeness_zero_makes_prediction_ignore_language_input():
+    model, batch = tiny_model().eval(), tiny_batch()
+    other = tiny_batch(seed=1)  # same audio/vision, different text
+    other = Batch(text=other.text, audio=batch.audio, vision=batch.vision, label=batch.label,
+                  text_missing_fraction=batch.text_missing_fraction)
+    model.force_completeness = 0.0
+    assert torch.equal(model(batch)["prediction"], model(other)["prediction"])
+    model.force_completeness = 1.0
+    assert not torch.allclose(model(batch)["prediction"], model(other)["prediction"])
+
+
+# --- efficiency contracts ---------------------------------------------------------------------
+
+def test_eval_mode_skips_complete_input_discriminator_and_reconstructor():
+    model, batch = tiny_model(), tiny_batch()
+    calls = []
+    for name in ("discriminator", "reconstructor"):
+        for module in getattr(model, name).modules():
+            module.register_forward_hook(lambda *args, name=name: calls.append(name))
+    for m in ("text", "audio", "vision"):  # a complete-input pass would turn everything NaN
+        batch.modality(m).complete.fill_(float("nan"))
+    with torch.no_grad():
+        out = model.eval()(batch)
+    assert calls == []
+    assert torch.isfinite(out["prediction"]).all()
+    assert "discriminator_logits" not in out and "reconstructed" not in out
+    model.train()(batch)
+    assert "discriminator" in calls and "reconstructor" in calls
+
+
+def test_complete_features_equal_encoding_the_complete_input():
+    model, batch = tiny_model().train(), tiny_batch()
+    out = model(batch)
+    for m in ("text", "audio", "vision"):
+        x = batch.modality(m)
+        direct = model.embeddings[m](x.complete, x.valid)
+        assert torch.allclose(out["complete_features"][m], direct, atol=1e-5), m
+
+
+def test_token_encoder_ignores_padding_and_length_buckets():
+    torch.manual_seed(0)
+    enc = TokenEncoder(20, 32, depth=2, heads=4, dim_head=8, mlp_dim=32, tokens=4, d_in=5, length_buckets=1)
+    x = torch.randn(7, 20, 5)
+    mask = torch.arange(20)[None, :] < torch.tensor([20, 3, 17, 8, 11, 5, 14])[:, None]
+    reference = enc(x, mask)
+    enc.length_buckets = 4
+    assert torch.allclose(enc(x, mask), reference, atol=1e-5)
+    noisy = torch.where(mask[..., None], x, torch.randn_like(x) * 100)  # garbage in the padding
+    assert torch.allclose(enc(noisy, mask), reference, atol=1e-5)
+    assert reference.shape == (7, 4, 32)
+
+
+def test_absorbed_few_query_attention_matches_full_attention():
+    torch.manual_seed(0)
+    attn = Attention(32, heads=4, dim_head=8).double()
+    x = torch.randn(3, 15, 32, dtype=torch.float64)
+    mask = (torch.rand(3, 15) > 0.3)
+    mask[:, :2] = True
+    mask = mask[:, None, None, :]
+    full = attn(x, mask=mask)[:, :2]
+    assert 2 < attn._absorb_below
+    assert torch.allclose(attn(x, mask=mask, query_len=2), full, atol=1e-12)
+
+
+# --- construction -------------------------------------------------------------------------------
+
+def test_parameter_count_at_mosi_shapes_is_about_6_4m():
+    spec = DataSpec(name="mosi", text_len=50, audio_len=375, vision_len=500, text_dim=768, audio_dim=5,
+                    vision_dim=20, label_min=-3.0, label_max=3.0, has_text_bert=True, text_special_tokens=True)
+    model = LNLN(ModelConfig(), spec)
+    count = sum(p.numel() for p in model.parameters())
+    assert 6.0e6 < count < 7.0e6, count
+
+
+def test_fusion_depth_follows_dataset_family():
+    assert len(tiny_model().fusion.transformer.transformer.blocks) == 2
+    mosei = LNLN(CFG, DataSpec(**{**SPEC.__dict__, "name": "mosei"}), **TINY)
+    assert len(mosei.fusion.transformer.transformer.blocks) == 4
+
+
+def test_bert_text_encoder_without_local_weights_raises_clear_error(tmp_path):
+    spec = DataSpec(**{**SPEC.__dict__, "has_text_bert": True})
+    cfg = ModelConfig(hidden_dim=32, num_heads=4, text_encoder="bert", bert_path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="bert_path"):
+        LNLN(cfg, spec, **TINY)
+    with pytest.raises(ValueError, match="unknown task_loss"):
+        LNLN(CFG, SPEC, task_loss="huber")

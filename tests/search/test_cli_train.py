@@ -1,0 +1,49 @@
+"""`msa-search train` in-process, as a user runs it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from search.results import ResultsStore
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--set", "data.scale=0.1", "--set", "train.epochs=2", "--set", "model.hidden_dim=32",
+         "--set", "model.dim_head=16", "--set", "model.num_heads=4", "--set", "model.tokens=4",
+         "--set", "train.workers=0"]
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_train_writes_config_results_and_checkpoint(tmp_path):
+    config = ROOT / "configs" / "lnln_quick.yaml"
+    r = cli("train", "--config", str(config), *SMALL, "--set", "output.dir=run1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run1"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["model"]["hidden_dim"] == 32
+    df = ResultsStore(run / "results").read()
+    assert len(df) == 2 * 2 * 16
+    assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
+    assert set(df.split) == {"valid", "test"} and df.f1_non0.notna().all()
+    assert (run / "checkpoints" / "last.pt").is_file()
+    assert "robust_f1" in r.stdout
+
+    again = cli("train", "--config", str(config), *SMALL, "--set", "output.dir=run1", cwd=tmp_path)
+    assert again.returncode == 1 and "not empty" in again.stderr
+    assert len(ResultsStore(run / "results").read()) == 2 * 2 * 16, "an existing run is never touched"
+
+
+def test_train_config_errors_are_one_line(tmp_path):
+    r = cli("train", "--config", str(ROOT / "configs" / "lnln_quick.yaml"), "--set", "train.engin=ddp", cwd=tmp_path)
+    assert r.returncode == 1 and "'train.engin'" in r.stderr and "Traceback" not in r.stderr
+    r = cli("train", "--config", str(ROOT / "configs" / "lnln_quick.yaml"), "--set", "model.loss_weights.kd=1",
+            "--set", "output.dir=x", cwd=tmp_path)
+    assert r.returncode == 1 and "unknown term(s) kd" in r.stderr
+    assert not (tmp_path / "x").exists(), "nothing written for an invalid config"
