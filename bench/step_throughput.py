@@ -52,7 +52,7 @@ def main() -> None:
         batch = make_batch(train, rows[i % len(rows)], missing, seed=1, epoch=0)
         out = model(batch, progress=0.5)
         terms = model.losses(out, batch, state.weights, 0.5)
-        total = sum(state.weights[k] * v for k, v in terms.items())
+        total = sum(state.weights[k] * v for k, v in terms.items() if k in state.weights)  # skip logged-only terms
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

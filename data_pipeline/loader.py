@@ -75,10 +75,12 @@ class Batch:
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "Batch":
+        """Move every tensor to `device`; with `dtype`, floating tensors are also cast (bf16 engines)."""
         def move(value):
             if isinstance(value, torch.Tensor):
-                return value.to(device, non_blocking=non_blocking)
+                cast = dtype if dtype is not None and value.is_floating_point() else None
+                return value.to(device, dtype=cast, non_blocking=non_blocking)
             if isinstance(value, ModalityInput):
                 return ModalityInput(*(move(getattr(value, f.name)) for f in fields(ModalityInput)))
             return value

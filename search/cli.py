@@ -110,19 +110,27 @@ def data_inspect(store: Path = typer.Argument(..., help="A Parquet dataset direc
 def train(
     config: Path = typer.Option(Path("configs/quick.yaml"), "--config", help="Experiment config (YAML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set train.epochs=5 (repeatable)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
 ) -> None:
-    """Run one training run: per-epoch metrics on valid and test over the missing-pattern grid."""
+    """Run one training run: per-epoch metrics on valid and test over the missing-pattern grid.
+
+    train.workers = 0 trains in-process; >= 1 runs Ray Train workers with train.engine
+    (deepspeed or ddp)."""
     from .config import load_config
+
+    cfg = None if resume is not None else load_config(config, set_)
+    if resume is not None or cfg.train.workers >= 1:
+        from .distributed import train_distributed
+
+        out, metrics = train_distributed(cfg, resume_dir=resume, console=err_console)
+        console.print(f"done: {out} (config.yaml, results/, checkpoints/); "
+                      f"last epoch valid robust_f1 {metrics.get('robust_f1', float('nan')):.4f}")
+        return
     from .run import train_in_process
 
-    cfg = load_config(config, set_)
-    if cfg.train.workers != 0:
-        raise MsaSearchError("train.workers >= 1 needs the distributed runner, which is not built yet; "
-                             "use --set train.workers=0 to train in-process")
     state, out = train_in_process(cfg, console=err_console)
-    last = state.history[-1]
     console.print(f"done: {out} (config.yaml, results/, checkpoints/); "
-                  f"last epoch valid robust_f1 {last.objective:.4f}")
+                  f"last epoch valid robust_f1 {state.history[-1].objective:.4f}")
 
 
 def main() -> None:

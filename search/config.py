@@ -34,12 +34,14 @@ class TrainConfig(BaseModel):
     warmup_epochs: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     grad_accum: int = Field(1, ge=1)
-    workers: int = Field(0, ge=0)  # 0 = train in-process
+    workers: int = Field(0, ge=0)  # 0 = train in-process; >= 1: Ray Train workers
+    cpus_per_worker: float = Field(1.0, gt=0)  # fractional on a small box
     engine: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1111
     checkpoint_every: int = Field(1, ge=1)
+    max_failures: int = Field(0, ge=0)  # worker failures Ray Train recovers from (from the last checkpoint)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -6,14 +6,16 @@ more (no reload, no re-gather, no complete-input branch: the model runs in eval 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.loader import SplitTensors, apply_missing, batch_rows, gather
+from data_pipeline.loader import Batch, SplitTensors, apply_missing, batch_rows, gather
 from data_pipeline.missing import Pattern
+from data_pipeline.presets import MODALITIES
 from models.metrics import msa_metrics_grouped
 
 
@@ -28,27 +30,79 @@ def metrics_family(dataset_name: str) -> str:
     return "sims" if dataset_name.startswith("sims") else "mosi"
 
 
+@dataclass
+class ShardPredictions:
+    preds: np.ndarray  # (P, n) predictions on this rank's rows
+    rows: np.ndarray  # (n,) row indices (a padded shard may repeat rows)
+    digests: np.ndarray  # (P, n) uint64 fingerprints of the keep masks the model saw
+
+
 @torch.no_grad()
 def predict_patterns(model: nn.Module, data: SplitTensors, patterns: list[Pattern], *, seed: int,
-                     batch_size: int = 256, device: torch.device | str = "cpu") -> np.ndarray:
-    """Predictions (P, N) for every pattern and sample of the split."""
+                     batch_size: int = 256, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                     rank: int = 0, world_size: int = 1) -> ShardPredictions:
+    """Predictions for every pattern on this rank's rows.
+
+    With world_size > 1 every rank runs the same number of forward passes (shards are
+    padded), as ZeRO-3's collective parameter gathering requires.
+    """
     was_training = model.training
     model.eval()
-    preds = np.empty((len(patterns), len(data)), dtype=np.float64)
+    shards = batch_rows(len(data), batch_size, shuffle=False, seed=0, epoch=0, rank=rank, world_size=world_size)
+    rows_all = np.concatenate(shards) if shards else np.zeros(0, dtype=np.int64)
+    preds = np.empty((len(patterns), len(rows_all)), dtype=np.float64)
+    digests = np.empty((len(patterns), len(rows_all)), dtype=np.uint64)
     try:
-        for rows in batch_rows(len(data), batch_size, shuffle=False, seed=0, epoch=0):
+        offset = 0
+        for rows in shards:
             gathered = gather(data, rows)
             for i, pattern in enumerate(patterns):
-                batch = apply_missing(gathered, pattern, seed=seed).to(device)
-                preds[i, rows] = model(batch)["prediction"].reshape(-1).float().cpu().numpy()
+                batch = apply_missing(gathered, pattern, seed=seed)
+                digests[i, offset:offset + len(rows)] = mask_digest(batch)
+                out = model(batch.to(device, dtype=dtype))["prediction"].reshape(-1)
+                preds[i, offset:offset + len(rows)] = out.float().cpu().numpy()
+            offset += len(rows)
     finally:
         model.train(was_training)
-    return preds
+    return ShardPredictions(preds, rows_all, digests)
+
+
+def mask_digest(batch: Batch) -> np.ndarray:
+    """(B,) uint64 fingerprint of each sample's keep masks (all modalities): a weighted sum
+    of kept positions with fixed random 64-bit weights, wrapping mod 2^64."""
+    total = np.zeros(len(batch), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i, m in enumerate(MODALITIES):
+            keep = batch.modality(m).keep.numpy()
+            weights = np.random.default_rng([20261124, i, keep.shape[1]]).integers(
+                1, 2**63, keep.shape[1], dtype=np.uint64)
+            total += (keep.astype(np.uint64) * weights[None, :]).sum(axis=1, dtype=np.uint64)
+    return total
+
+
+def split_fingerprint(digests: np.ndarray) -> str:
+    """One short hex string for the (P, N) mask digests of a split: equal iff the masks are."""
+    return hashlib.blake2b(np.ascontiguousarray(digests, dtype=np.uint64).tobytes(), digest_size=8).hexdigest()
+
+
+def scatter_rows(n: int, preds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Assemble (P, n) predictions from (possibly padded, repeated) row-indexed pieces."""
+    out = np.zeros((preds.shape[0], n), dtype=preds.dtype)
+    seen = np.zeros(n, dtype=bool)
+    out[:, rows] = preds
+    seen[rows] = True
+    if not seen.all():
+        raise RuntimeError("some samples were not predicted (a shard is missing)")
+    return out
+
+
+def metrics_rows(preds: np.ndarray, data: SplitTensors, patterns: list[Pattern]) -> list[PatternResult]:
+    rows = msa_metrics_grouped(preds, data.labels.numpy(), metrics_family(data.spec.name))
+    return [PatternResult(p, m) for p, m in zip(patterns, rows)]
 
 
 def evaluate_patterns(model: nn.Module, data: SplitTensors, patterns: list[Pattern], *, seed: int,
                       batch_size: int = 256, device: torch.device | str = "cpu") -> list[PatternResult]:
     """One metrics row per pattern, in the order of `patterns`. `seed` is the mask seed."""
-    preds = predict_patterns(model, data, patterns, seed=seed, batch_size=batch_size, device=device)
-    rows = msa_metrics_grouped(preds, data.labels.numpy(), metrics_family(data.spec.name))
-    return [PatternResult(p, m) for p, m in zip(patterns, rows)]
+    shard = predict_patterns(model, data, patterns, seed=seed, batch_size=batch_size, device=device)
+    return metrics_rows(scatter_rows(len(data), shard.preds, shard.rows), data, patterns)

@@ -59,6 +59,11 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The registry's module inside a DDP wrapper or a DeepSpeed engine."""
+    return getattr(model, "module", model)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -105,12 +110,15 @@ def epoch_weights(state: TrainState, cfg: ExperimentConfig, epoch: int) -> dict[
 
 def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, device: torch.device, *,
                 rank: int = 0, world_size: int = 1, on_step: Callable[[int, int, dict], None] | None = None,
-                step_fn: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+                step_fn: Callable[[torch.Tensor], None] | None = None,
+                dtype: torch.dtype | None = None) -> dict[str, float]:
     """One epoch over this rank's shard. Returns the mean of each loss term and of the total.
 
-    `step_fn(total_loss)` replaces backward/clip/step (the DeepSpeed engine does its own).
+    `step_fn(total_loss)` replaces backward/clip/step (the DeepSpeed engine does its own);
+    `dtype` casts the batch's floating tensors (bf16 engines hold bf16 weights).
     """
     epoch, model = state.epoch, state.model
+    core = unwrap(model)  # the model's own methods (losses); wrappers only run forward
     model.train()
     weights = epoch_weights(state, cfg, epoch)
     training_missing = cfg.missing.training()
@@ -118,11 +126,12 @@ def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, d
                          rank=rank, world_size=world_size)
     sums: dict[str, float] = {}
     for step, rows in enumerate(batches):
-        batch = make_batch(train, rows, training_missing, seed=cfg.missing.seed, epoch=epoch).to(device)
+        batch = make_batch(train, rows, training_missing, seed=cfg.missing.seed, epoch=epoch).to(device, dtype=dtype)
         progress = (epoch + step / len(batches)) / cfg.train.epochs
         outputs = model(batch, progress=progress)
-        terms = model.losses(outputs, batch, weights, progress)
-        total = sum(weights[name] * value for name, value in terms.items())
+        terms = core.losses(outputs, batch, weights, progress)
+        # Terms outside `weights` (a model's LOGGED_TERMS, e.g. HRLF's FRF sub-terms) are logged, not trained.
+        total = sum(weights[name] * value for name, value in terms.items() if name in weights)
         if not torch.isfinite(total):
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             raise TrainingDiverged(f"loss is {total.item()} at epoch {epoch} step {step} ({detail})")
@@ -152,7 +161,7 @@ def extra_discriminator_steps(state: TrainState, cfg: ExperimentConfig, outputs:
         return
     for _ in range(cfg.model.adversarial.disc_steps - 1):
         state.disc_optimizer.zero_grad(set_to_none=True)
-        state.model.discriminator_loss(outputs).backward()
+        unwrap(state.model).discriminator_loss(outputs).backward()
         state.disc_optimizer.step()
     # Leave no discriminator gradient behind for the next generator step.
     state.disc_optimizer.zero_grad(set_to_none=True)
