@@ -20,17 +20,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The main job on embedded defaults: a search on synthetic MOSI-shaped data, then export.
+EXP ?= runs/quick-$(shell date +%Y%m%d-%H%M%S)
 run: install
-	$(BIN)/msa-search data synth --preset mosi --out runs/pipeline-demo/mosi.pkl --format mmsa-pkl --seed 1111 --force
-	$(BIN)/msa-search data convert runs/pipeline-demo/mosi.pkl --out runs/pipeline-demo/mosi-parquet --force
-	$(BIN)/msa-search data inspect runs/pipeline-demo/mosi-parquet
-	@echo "Results: runs/pipeline-demo/ (mosi.pkl = MMSA pickle, mosi-parquet/ = Parquet dataset)"
+	$(BIN)/msa-search tune --config configs/quick.yaml --set output.dir=$(EXP)
+	$(BIN)/msa-search export $(EXP) --out $(EXP)/best.yaml
+	@echo "Results: $(EXP)/ (results/ = per-pattern Parquet rows, optuna.db = Optuna study, best.yaml = best config)"
+	@echo "Retrain the best: $(BIN)/msa-search train --config $(EXP)/best.yaml"
 
 test: install
 	$(BIN)/python -m pytest -q tests
 
 bench: install
 	$(BIN)/python bench/data_load.py
+	$(BIN)/python bench/step_throughput.py --model lnln --shape mosi-aligned
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

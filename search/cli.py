@@ -111,6 +111,8 @@ def train(
     config: Path = typer.Option(Path("configs/quick.yaml"), "--config", help="Experiment config (YAML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set train.epochs=5 (repeatable)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    address: str = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                                help="Ray cluster to join (default: start a private local one)."),
 ) -> None:
     """Run one training run: per-epoch metrics on valid and test over the missing-pattern grid.
 
@@ -122,7 +124,7 @@ def train(
     if resume is not None or cfg.train.workers >= 1:
         from .distributed import train_distributed
 
-        out, metrics = train_distributed(cfg, resume_dir=resume, console=err_console)
+        out, metrics = train_distributed(cfg, resume_dir=resume, console=err_console, ray_address=address)
         console.print(f"done: {out} (config.yaml, results/, checkpoints/); "
                       f"last epoch valid robust_f1 {metrics.get('robust_f1', float('nan')):.4f}")
         return
@@ -131,6 +133,77 @@ def train(
     state, out = train_in_process(cfg, console=err_console)
     console.print(f"done: {out} (config.yaml, results/, checkpoints/); "
                   f"last epoch valid robust_f1 {state.history[-1].objective:.4f}")
+
+
+@app.command("tune")
+def tune_cmd(
+    config: Path = typer.Option(Path("configs/quick.yaml"), "--config", help="Experiment config (YAML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue this interrupted experiment."),
+    address: str = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                                help="Ray cluster to join (default: start a private local one)."),
+) -> None:
+    """Search loss weights and adversarial schedules with Ray Tune + Optuna (the main job)."""
+    from .config import load_config
+    from .tune import run_experiment
+
+    cfg = None if resume is not None else load_config(config, set_)
+    exp = run_experiment(cfg, resume_dir=resume, console=err_console, ray_address=address)
+    _print_status(exp)
+    console.print(f"experiment: {exp} (config.yaml, optuna.db, results/, ray/); "
+                  f"next: msa-search export {exp} --out {exp}/best.yaml")
+
+
+def _print_status(exp: Path) -> None:
+    from rich.table import Table
+
+    from .config import HELD_OUT_PATTERNS
+    from .export import load_experiment, score_trials, trial_states
+
+    exp, cfg, df = load_experiment(exp)
+    states = trial_states(exp)
+    console.print("trials: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none yet"))
+    if df.empty:
+        return
+    scores = score_trials(exp, cfg, df)
+    best = scores[0]
+    console.print(f"best so far: trial {best.trial_id} epoch {best.epoch} "
+                  f"{cfg.search.objective} (valid) {best.objective:.4f}")
+    rows = df[(df.trial_id == best.trial_id) & (df.epoch == best.epoch)]
+    table = Table(title=f"trial {best.trial_id}, epoch {best.epoch} (* = held out of the objective)")
+    for col in ("pattern", "valid f1_non0", "test f1_non0", "test acc2_non0", "test mae", "test corr"):
+        table.add_column(col, justify="left" if col == "pattern" else "right")
+    valid = rows[rows.split == "valid"].set_index("pattern")
+    test = rows[rows.split == "test"].set_index("pattern")
+    for pattern in cfg.missing.eval_grid:
+        if pattern not in test.index:
+            continue
+        t = test.loc[pattern]
+        v = valid.loc[pattern]["f1_non0"] if pattern in valid.index else float("nan")
+        mark = "*" if pattern in HELD_OUT_PATTERNS or pattern not in cfg.search.objective_patterns else ""
+        table.add_row(pattern + mark, f"{v:.4f}", f"{t['f1_non0']:.4f}", f"{t['acc2_non0']:.4f}",
+                      f"{t['mae']:.4f}", f"{t['corr']:.4f}")
+    console.print(table)
+
+
+@app.command("status")
+def status_cmd(exp: Path = typer.Argument(..., help="Experiment directory.")) -> None:
+    """Trials by state, the best so far, and its per-pattern table."""
+    _print_status(exp)
+
+
+@app.command("export")
+def export_cmd(
+    exp: Path = typer.Argument(..., help="Experiment directory."),
+    out: Path = typer.Option(..., "--out", help="Output YAML (with --top K: FILE, FILE-2, ...)."),
+    top: int = typer.Option(1, "--top", min=1, help="How many of the best trials to export."),
+    objective: str = typer.Option(None, "--objective", help="Rank by this instead of search.objective."),
+) -> None:
+    """Write the best trials as complete configs; `msa-search train --config FILE` retrains one."""
+    from .export import export_best
+
+    for path in export_best(exp, out, top=top, objective=objective):
+        console.print(f"wrote {path}")
 
 
 def main() -> None:

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from data_pipeline.config import DataConfig, MissingConfig
 from data_pipeline.errors import MsaSearchError
-from data_pipeline.missing import default_eval_grid
+from data_pipeline.missing import default_eval_grid, parse_pattern
+from models.metrics import SIMS_METRIC_NAMES
 from models.config import ModelConfig
 
 # Patterns held out of the search objective: the report shows whether the search overfit.
@@ -43,6 +44,11 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=0)  # worker failures Ray Train recovers from (from the last checkpoint)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads of in-process training (0 = torch's default). Thread count changes float
+    # summation order, so reproducing a number exactly needs the same count.
+    threads: int = Field(0, ge=0)
+    # Test hook: make the loss NaN at the first step (the run must end with a clear reason).
+    inject_nan: bool = False
 
 
 class SearchConfig(BaseModel):
@@ -58,8 +64,34 @@ class SearchConfig(BaseModel):
     time_budget_s: float | None = None
     seed: int = 0
     max_failures: int = Field(0, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0)  # train.workers = 0: the trial's own CPUs
+    # Test hook: the trial that starts n-th (0-based) gets train.inject_nan (its loss is NaN).
+    nan_trial: int | None = None
     # Overrides of the model's registry search space, e.g. {"train.lr": {"loguniform": [1e-5, 1e-3]}}.
     space: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, name: str) -> str:
+        if name in ("robust_f1", "worst_f1"):
+            return name
+        metric, _, pattern = name.partition("@")
+        if metric not in SIMS_METRIC_NAMES:
+            raise ValueError(f"unknown objective '{name}'; allowed: robust_f1, worst_f1, a metric "
+                             f"({', '.join(SIMS_METRIC_NAMES)}) or <metric>@<pattern>, e.g. f1_non0@intra:0.0")
+        if pattern:
+            parse_pattern(pattern)
+        return name
+
+    @field_validator("objective_patterns")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        return [parse_pattern(p).name for p in patterns]
+
+    @property
+    def mode(self) -> str:
+        """Lower is better only for the error metric."""
+        return "min" if self.objective.partition("@")[0] == "mae" else "max"
 
 
 class OutputConfig(BaseModel):

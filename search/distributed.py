@@ -102,8 +102,19 @@ def _worker_error(exc: Exception) -> str:
     return causes[-1] if causes else (lines[0] if lines else repr(exc))
 
 
+def ensure_ray(address: str | None) -> None:
+    """Join the cluster at `address` (e.g. from `ray up`), or start a private local one.
+
+    Never `ray.init()` with no address: that silently joins whatever local cluster happens
+    to run on the machine (another user's, another test's)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or "local", log_to_driver=False)
+
+
 def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None = None,
-                      console: Console | None = None) -> tuple[Path, dict]:
+                      console: Console | None = None, ray_address: str | None = None) -> tuple[Path, dict]:
     """Run (or resume) one distributed training run. Returns the run dir and the last metrics."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -127,8 +138,7 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
     store = prepare_store(cfg.data, run_dir / "data")
     gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, include_dashboard=None)
+    ensure_ray(ray_address)
     run_id = run_dir.name
     trainer = TorchTrainer(
         worker_loop,

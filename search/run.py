@@ -51,6 +51,8 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
     prepare_run_dir(out)
     (out / "config.yaml").write_text(cfg.to_yaml())
     run_id = run_id or out.name
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     splits = load_splits(cfg, out / "data")
     store = ResultsStore(out / "results")

@@ -18,7 +18,7 @@ from torch import nn
 
 from data_pipeline.errors import MsaSearchError
 from data_pipeline.loader import SplitTensors, batch_rows, make_batch
-from models.metrics import robust_f1
+from models.metrics import robust_f1, worst_f1
 from models.registry import ModelEntry, get_model
 
 from .config import ExperimentConfig
@@ -132,6 +132,8 @@ def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, d
         terms = core.losses(outputs, batch, weights, progress)
         # Terms outside `weights` (a model's LOGGED_TERMS, e.g. HRLF's FRF sub-terms) are logged, not trained.
         total = sum(weights[name] * value for name, value in terms.items() if name in weights)
+        if cfg.train.inject_nan:
+            total = total * float("nan")
         if not torch.isfinite(total):
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             raise TrainingDiverged(f"loss is {total.item()} at epoch {epoch} step {step} ({detail})")
@@ -176,9 +178,20 @@ def evaluate_epoch(model: nn.Module, cfg: ExperimentConfig, splits: dict[str, Sp
 
 
 def objective_value(results: dict[str, list[PatternResult]], cfg: ExperimentConfig) -> float:
+    """`search.objective` on the validation split over `search.objective_patterns`:
+    robust_f1 (mean f1_non0), worst_f1 (min f1_non0), `<metric>` (its mean over the patterns)
+    or `<metric>@<pattern>` (its value on one pattern)."""
     by_pattern = {r.pattern.name: r.metrics for r in results["valid"]}
     wanted = [p for p in cfg.search.objective_patterns if p in by_pattern] or list(by_pattern)
-    return robust_f1(by_pattern, wanted)
+    name = cfg.search.objective
+    if name == "robust_f1":
+        return robust_f1(by_pattern, wanted)
+    if name == "worst_f1":
+        return worst_f1(by_pattern, wanted)
+    metric, _, pattern = name.partition("@")
+    if pattern:
+        return float(by_pattern[pattern][metric])
+    return float(np.mean([by_pattern[p][metric] for p in wanted]))
 
 
 def fit(cfg: ExperimentConfig, splits: dict[str, SplitTensors], *, device: torch.device | None = None,

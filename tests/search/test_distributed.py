@@ -30,7 +30,8 @@ def tiny_cfg(tmp_path: Path, name: str, **train) -> ExperimentConfig:
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh cluster of our own, never one that happens to run here
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -1,0 +1,127 @@
+"""The search end to end: Ray Tune + Optuna on a local Ray cluster, real SQLite storage."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+
+from search.config import load_config
+from search.export import export_best
+from search.results import ResultsStore
+from search.run import train_in_process
+from search.space import SearchSpaceError
+from search.tune import FAILURES, optuna_storage_url, run_experiment, study_name
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["data.scale=0.1", "train.epochs=2", "train.batch_size=32", "model.hidden_dim=32", "model.dim_head=16",
+        "model.num_heads=4", "model.tokens=4", "train.device=cpu", "search.max_concurrent=2",
+        "search.scheduler=none", "train.threads=1"]
+
+
+def tiny(exp: Path, *extra: str):
+    return load_config(ROOT / "configs" / "lnln_quick.yaml", [*TINY, f"output.dir={exp}", *extra])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def per_trial_epochs(df):
+    return df.groupby("trial_id").epoch.agg(lambda e: sorted(set(e)))
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, local_ray):
+    exp = tmp_path_factory.mktemp("tune") / "exp"
+    run_experiment(tiny(exp, "search.num_samples=6", "search.nan_trial=2", "search.seed=3"))
+    return exp
+
+
+def test_six_trials_write_study_results_and_only_the_nan_trial_fails(experiment):
+    study = optuna.load_study(study_name=study_name(experiment), storage=optuna_storage_url(experiment))
+    assert len(study.trials) == 6
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 5 and states.count(optuna.trial.TrialState.FAIL) == 1
+    failures = [json.loads(l) for l in (experiment / FAILURES).read_text().splitlines()]
+    assert len(failures) == 1 and "loss is nan" in failures[0]["reason"]
+    df = ResultsStore(experiment / "results").read()
+    assert df.trial_id.nunique() == 5, "the failed trial reported nothing"
+    assert all(epochs == [0, 1] for epochs in per_trial_epochs(df))
+    assert len(df) == 5 * 2 * 2 * 16
+    assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
+    # Every trial's sampled values are in its rows, so results can be sliced by hyperparameter.
+    assert df.groupby("trial_id")["hp.train.lr"].nunique().eq(1).all() and df["hp.train.lr"].nunique() == 5
+
+
+def test_export_then_train_reproduces_the_exported_metrics(experiment, tmp_path):
+    best = export_best(experiment, tmp_path / "best.yaml")[0]
+    text = best.read_text()
+    assert text.startswith("# exported from") and "objective robust_f1 on valid" in text
+    cfg = load_config(best, [f"output.dir={tmp_path / 'retrain'}"])
+    trial_id = text.split(" trial ")[1].split()[0]
+    train_in_process(cfg, show_progress=False)
+    retrained = ResultsStore(tmp_path / "retrain" / "results").read()
+    original = ResultsStore(experiment / "results").read()
+    original = original[(original.trial_id == trial_id) & (original.epoch == cfg.train.epochs - 1)]
+    retrained = retrained[retrained.epoch == cfg.train.epochs - 1]
+    key = ["split", "pattern"]
+    a, b = original.sort_values(key).reset_index(), retrained.sort_values(key).reset_index()
+    assert list(a.pattern) == list(b.pattern) and len(a) == 32
+    for metric in ("f1_non0", "acc2_has0", "acc7", "mae", "corr"):
+        assert (a[metric] - b[metric]).abs().max() <= 1e-6, metric
+
+
+def test_existing_experiment_dir_is_refused(experiment):
+    with pytest.raises(Exception, match="experiment directory exists.*--resume"):
+        run_experiment(tiny(experiment, "search.num_samples=1"))
+
+
+def test_bad_search_space_override_fails_before_ray(tmp_path):
+    exp = tmp_path / "bad"
+    for override, phrase in (("search.space={train.lr: {loguniform: [0, 1]}}", "loguniform needs low > 0"),
+                             ("search.space={model.loss_weights.kd: {uniform: [0, 1]}}", "'kd' is not a loss term"),
+                             ("search.space={train.epochz: {int: [1, 3]}}", "train.epochz")):
+        with pytest.raises(SearchSpaceError, match=phrase):
+            run_experiment(tiny(exp, override))
+        assert not exp.exists()
+
+
+def test_interrupted_experiment_resumes_to_the_same_trial_count(tmp_path):
+    exp = tmp_path / "exp"
+    args = [sys.executable, "-m", "search.cli", "tune", "--config", str(ROOT / "configs" / "lnln_quick.yaml")]
+    for item in [*TINY, "search.num_samples=4", "search.max_concurrent=1", f"output.dir={exp}"]:
+        args += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((exp / "trial_params").glob("*.json"))) < 2:
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started, as a crash would
+    driver.wait()
+    before = ResultsStore(exp / "results").read()
+    assert 1 <= before.trial_id.nunique() < 4
+
+    resumed = subprocess.run(args[:4] + ["--resume", str(exp)], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    df = ResultsStore(exp / "results").read()
+    assert df.trial_id.nunique() == 4
+    assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
+    assert all(epochs == [0, 1] for epochs in per_trial_epochs(df))
+    study = optuna.load_study(study_name=study_name(exp), storage=optuna_storage_url(exp))
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 4
