@@ -196,7 +196,8 @@ def status_cmd(exp: Path = typer.Argument(..., help="Experiment directory.")) ->
 def export_cmd(
     exp: Path = typer.Argument(..., help="Experiment directory."),
     out: Path = typer.Option(..., "--out", help="Output YAML (with --top K: FILE, FILE-2, ...)."),
-    top: int = typer.Option(1, "--top", min=1, help="How many of the best trials to export."),
+    top: int = typer.Option(None, "--top", min=1,
+                            help="How many of the best trials to export (default 1; multi-objective: the Pareto front)."),
     objective: str = typer.Option(None, "--objective", help="Rank by this instead of search.objective."),
 ) -> None:
     """Write the best trials as complete configs; `msa-search train --config FILE` retrains one."""

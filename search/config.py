@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_pipeline.config import DataConfig, MissingConfig
 from data_pipeline.errors import MsaSearchError
@@ -59,9 +59,16 @@ class SearchConfig(BaseModel):
     objective: str = "robust_f1"
     objective_patterns: list[str] = Field(
         default_factory=lambda: [p for p in default_eval_grid() if p not in HELD_OUT_PATTERNS])
+    # Multi-objective search (>= 2 names, same syntax as `objective`, e.g. [f1_non0@intra:0.0,
+    # robust_f1]): Optuna optimizes all, export writes the Pareto front; needs scheduler none.
+    objectives: list[str] = Field(default_factory=list)
     sampler: Literal["tpe", "random", "cmaes", "nsga2"] = "tpe"
     scheduler: Literal["asha", "pbt", "none"] = "asha"
+    # PBT: epochs between exploit/explore steps (loss weights and GRL lambda_max mutate).
+    pbt_interval: int = Field(1, ge=1)
     time_budget_s: float | None = None
+    # Stop starting and running trials once this many trial-epochs have been reported.
+    max_trial_epochs: int | None = Field(None, ge=1)
     seed: int = 0
     max_failures: int = Field(0, ge=0)
     cpus_per_trial: float = Field(1.0, gt=0)  # train.workers = 0: the trial's own CPUs
@@ -83,6 +90,20 @@ class SearchConfig(BaseModel):
             parse_pattern(pattern)
         return name
 
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, names: list[str]) -> list[str]:
+        if len(names) == 1:
+            raise ValueError("give two or more objectives for a multi-objective search (or use search.objective)")
+        return [cls._objective(n) for n in names]
+
+    @model_validator(mode="after")
+    def _multi_objective_scheduler(self):
+        if self.objectives and self.scheduler != "none":
+            raise ValueError("a multi-objective search (search.objectives) needs search.scheduler: none; "
+                             "ASHA and PBT rank trials by one metric")
+        return self
+
     @field_validator("objective_patterns")
     @classmethod
     def _patterns(cls, patterns: list[str]) -> list[str]:
@@ -91,7 +112,11 @@ class SearchConfig(BaseModel):
     @property
     def mode(self) -> str:
         """Lower is better only for the error metric."""
-        return "min" if self.objective.partition("@")[0] == "mae" else "max"
+        return objective_mode(self.objective)
+
+
+def objective_mode(name: str) -> str:
+    return "min" if name.partition("@")[0] == "mae" else "max"
 
 
 class OutputConfig(BaseModel):

@@ -13,7 +13,7 @@ from data_pipeline.errors import MsaSearchError
 from data_pipeline.missing import parse_pattern
 from models.metrics import metric_names
 
-from .config import HELD_OUT_PATTERNS, ExperimentConfig, load_config
+from .config import HELD_OUT_PATTERNS, ExperimentConfig, load_config, objective_mode
 from .evaluate import PatternResult
 from .results import ResultsStore
 from .space import apply_params
@@ -62,6 +62,12 @@ def score_trials(exp_dir: Path, cfg: ExperimentConfig, df: pd.DataFrame, objecti
     return sorted(scores, key=lambda s: (s.objective if reverse else -s.objective), reverse=True)
 
 
+def score_trials_value(df: pd.DataFrame, score: TrialScore, cfg: ExperimentConfig, name: str) -> float:
+    final = df[(df.trial_id == score.trial_id) & (df.epoch == score.epoch)]
+    metrics = metric_names("sims" if cfg.data.preset == "sims" else "mosi")
+    return objective_value({"valid": _results(final, "valid", metrics)}, cfg, name)
+
+
 def trial_states(exp_dir: Path) -> dict[str, int]:
     """Trials by state, as the Optuna study records them, plus failures recorded by the driver."""
     import optuna
@@ -77,15 +83,35 @@ def trial_states(exp_dir: Path) -> dict[str, int]:
     return counts
 
 
-def export_best(exp_dir: str | Path, out: str | Path, top: int = 1, objective: str | None = None) -> list[Path]:
-    """Write the best `top` finished trials as complete ExperimentConfig YAML files, each
-    headed by the metrics it reached (comments, so the file stays a valid config)."""
+def pareto_front(scores: dict[str, list[float]], modes: list[str]) -> list[str]:
+    """Trial ids whose objective vectors no other trial dominates (>= on all, > on one)."""
+    sign = [1.0 if m == "max" else -1.0 for m in modes]
+    vec = {t: [s * v for s, v in zip(sign, values)] for t, values in scores.items()}
+
+    def dominates(a, b):
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    return [t for t in vec if not any(dominates(vec[o], vec[t]) for o in vec if o != t)]
+
+
+def export_best(exp_dir: str | Path, out: str | Path, top: int | None = None,
+                objective: str | None = None) -> list[Path]:
+    """Write the best finished trials as complete ExperimentConfig YAML files, each headed by
+    the metrics it reached (comments, so the file stays a valid config). One trial by
+    default; for a multi-objective search (and no `objective`), its whole Pareto front."""
     exp_dir, cfg, df = load_experiment(exp_dir)
     if df.empty:
         raise MsaSearchError(f"{exp_dir}: no results yet")
     finished = [s for s in score_trials(exp_dir, cfg, df, objective) if s.finished]
     if not finished:
         raise MsaSearchError(f"{exp_dir}: no trial has finished all {cfg.train.epochs} epochs yet")
+    if cfg.search.objectives and objective is None:
+        vectors = {s.trial_id: [score_trials_value(df, s, cfg, name) for name in cfg.search.objectives]
+                   for s in finished}
+        front = set(pareto_front(vectors, [objective_mode(n) for n in cfg.search.objectives]))
+        finished = [s for s in finished if s.trial_id in front]
+        top = top or len(finished)
+    top = top or 1
     out = Path(out)
     written = []
     for rank, score in enumerate(finished[:top], start=1):

@@ -177,13 +177,13 @@ def evaluate_epoch(model: nn.Module, cfg: ExperimentConfig, splits: dict[str, Sp
             for name, data in splits.items()}
 
 
-def objective_value(results: dict[str, list[PatternResult]], cfg: ExperimentConfig) -> float:
+def objective_value(results: dict[str, list[PatternResult]], cfg: ExperimentConfig, name: str | None = None) -> float:
     """`search.objective` on the validation split over `search.objective_patterns`:
     robust_f1 (mean f1_non0), worst_f1 (min f1_non0), `<metric>` (its mean over the patterns)
     or `<metric>@<pattern>` (its value on one pattern)."""
     by_pattern = {r.pattern.name: r.metrics for r in results["valid"]}
     wanted = [p for p in cfg.search.objective_patterns if p in by_pattern] or list(by_pattern)
-    name = cfg.search.objective
+    name = name or cfg.search.objective
     if name == "robust_f1":
         return robust_f1(by_pattern, wanted)
     if name == "worst_f1":

@@ -25,11 +25,11 @@ from data_pipeline.presets import SPLITS
 from data_pipeline.source import prepare_store
 from data_pipeline.store import read_spec
 
-from .config import ExperimentConfig, load_config
+from .config import ExperimentConfig, load_config, objective_mode
 from .evaluate import PatternResult
 from .results import ResultsStore, flatten, result_rows
 from .space import apply_params, resolve_space, space_to_data, tune_domains
-from .trainer import EpochReport, TrainState, build_state, fit, resolve_device
+from .trainer import EpochReport, TrainState, build_state, fit, objective_value, resolve_device
 
 OBJECTIVE = "objective"
 TUNE_NAME = "tune"
@@ -52,6 +52,7 @@ def epoch_metrics(report: EpochReport, cfg: ExperimentConfig) -> dict[str, Any]:
     valid = {r.pattern.name: r.metrics for r in report.results["valid"]}
     return {
         OBJECTIVE: report.objective, "epoch": report.epoch,
+        **{f"{OBJECTIVE}/{name}": objective_value(report.results, cfg, name) for name in cfg.search.objectives},
         "f1_non0_complete": valid.get("intra:0.0", {}).get("f1_non0", float("nan")),
         **{f"loss/{k}": v for k, v in report.losses.items()},
         "rows": json.dumps({split: [{"pattern": r.pattern.name, **r.metrics} for r in rows]
@@ -187,19 +188,53 @@ def _searcher(cfg: ExperimentConfig, exp_dir: Path):
                 "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}
     sampler = samplers[cfg.search.sampler](seed=cfg.search.seed)
     storage = optuna.storages.RDBStorage(optuna_storage_url(exp_dir))
-    search = OptunaSearch(sampler=sampler, storage=storage, study_name=study_name(exp_dir),
-                          metric=OBJECTIVE, mode=cfg.search.mode)
+    if cfg.search.objectives:
+        metric = [f"{OBJECTIVE}/{name}" for name in cfg.search.objectives]
+        mode = [objective_mode(name) for name in cfg.search.objectives]
+    else:
+        metric, mode = OBJECTIVE, cfg.search.mode
+    search = OptunaSearch(sampler=sampler, storage=storage, study_name=study_name(exp_dir), metric=metric, mode=mode)
     return ConcurrencyLimiter(search, max_concurrent=cfg.search.max_concurrent)
 
 
-def _scheduler(cfg: ExperimentConfig):
-    from ray.tune.schedulers import ASHAScheduler
+def _budget_stopper(budget: int | None):
+    """Ends the whole experiment once `budget` trial-epochs were reported (equal budgets
+    make searches comparable, whatever their schedulers stop early)."""
+    if budget is None:
+        return None
+    from ray.tune import Stopper
+
+    class TrialEpochBudget(Stopper):
+        def __init__(self):
+            self.used = 0
+
+        def __call__(self, trial_id, result):
+            self.used += 1
+            return False
+
+        def stop_all(self):
+            return self.used >= budget
+
+    return TrialEpochBudget()
+
+
+def _scheduler(cfg: ExperimentConfig, space: dict):
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     if cfg.search.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs, grace_period=1,
                              reduction_factor=2)
     if cfg.search.scheduler == "pbt":
-        raise MsaSearchError("search.scheduler: pbt is not available yet; use asha or none")
+        # Schedule parameters change while a trial runs: loss weights and the GRL strength.
+        # A trial that exploits another restarts from its checkpoint with the new values
+        # (the model reads weights and lambda_max from its config, not from the checkpoint).
+        mutable = {k: v for k, v in tune_domains(space).items()
+                   if k.startswith("model.loss_weights.") or k == "model.adversarial.lambda_max"}
+        if not mutable:
+            raise MsaSearchError("search.scheduler: pbt needs loss weights or model.adversarial.lambda_max "
+                                 "in the search space")
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=cfg.search.pbt_interval,
+                                       hyperparam_mutations=mutable)
     return None
 
 
@@ -208,6 +243,8 @@ def _trainable(cfg: ExperimentConfig, exp_dir: Path, store: Path):
 
     base = cfg.model_dump(mode="json")
     base["output"]["dir"] = str(exp_dir)
+    if cfg.search.scheduler == "pbt":
+        base["train"]["checkpoint_every"] = 1  # PBT exploits through per-epoch checkpoints
     if cfg.train.workers == 0:
         fn, resources = run_trial, {"cpu": cfg.search.cpus_per_trial}
     else:
@@ -234,7 +271,7 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
             raise MsaSearchError(f"{exp_dir}: experiment directory exists; choose a new output.dir, or continue "
                                  f"it with: msa-search tune --resume {exp_dir}")
     space = resolve_space(cfg)  # every search-space error before Ray starts
-    _scheduler(cfg)
+    _scheduler(cfg, space)
     if cfg.train.workers >= 1:
         from .distributed import check_distributed_config
         check_distributed_config(cfg)
@@ -256,13 +293,23 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
         tuner = tune.Tuner(
             trainable,
             param_space=tune_domains(space),
-            tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=cfg.search.mode, search_alg=_searcher(cfg, exp_dir),
-                                        scheduler=_scheduler(cfg), num_samples=cfg.search.num_samples,
-                                        time_budget_s=cfg.search.time_budget_s),
+            tune_config=tune.TuneConfig(
+                metric=None if cfg.search.objectives else OBJECTIVE,
+                mode=None if cfg.search.objectives else cfg.search.mode,
+                # PBT mutates running trials' configs, which a sequential sampler cannot
+                # model: it samples its initial population at random from the same space.
+                search_alg=None if cfg.search.scheduler == "pbt" else _searcher(cfg, exp_dir),
+                scheduler=_scheduler(cfg, space), num_samples=cfg.search.num_samples,
+                max_concurrent_trials=cfg.search.max_concurrent if cfg.search.scheduler == "pbt" else None,
+                time_budget_s=cfg.search.time_budget_s),
             run_config=tune.RunConfig(
                 name=TUNE_NAME, storage_path=str(exp_dir / "ray"), callbacks=callbacks,
+                stop=_budget_stopper(cfg.search.max_trial_epochs),
                 failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
+                # PBT restores a trial from another trial's checkpoint: keep them all (small
+                # models); otherwise only the latest matters (resume).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if cfg.search.scheduler == "pbt" else 1),
+                verbose=1),
         )
     tuner.fit()
     return exp_dir

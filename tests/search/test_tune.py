@@ -125,3 +125,39 @@ def test_interrupted_experiment_resumes_to_the_same_trial_count(tmp_path):
     assert all(epochs == [0, 1] for epochs in per_trial_epochs(df))
     study = optuna.load_study(study_name=study_name(exp), storage=optuna_storage_url(exp))
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 4
+
+
+def test_multi_objective_search_exports_its_pareto_front(tmp_path, local_ray):
+    exp = tmp_path / "multi"
+    objectives = "search.objectives=[f1_non0@intra:0.0, robust_f1]"
+    run_experiment(tiny(exp, "search.num_samples=3", objectives, "train.epochs=1"))
+    study = optuna.load_study(study_name=study_name(exp), storage=optuna_storage_url(exp))
+    assert len(study.directions) == 2 and len(study.trials) == 3
+    written = export_best(exp, tmp_path / "front.yaml")
+    assert 1 <= len(written) <= 3
+    df = ResultsStore(exp / "results").read()
+    valid = df[df.split == "valid"]
+    points = {}
+    for path in written:
+        trial = path.read_text().split(" trial ")[1].split()[0]
+        rows = valid[valid.trial_id == trial].set_index("pattern")
+        points[trial] = (rows.loc["intra:0.0", "f1_non0"], rows.loc[load_config(path).search.objective_patterns, "f1_non0"].mean())
+    others = set(valid.trial_id) - set(points)
+    for other in others:  # every trial left out is dominated by one on the front
+        rows = valid[valid.trial_id == other].set_index("pattern")
+        p = (rows.loc["intra:0.0", "f1_non0"], rows.loc[load_config(written[0]).search.objective_patterns, "f1_non0"].mean())
+        assert any(q[0] >= p[0] and q[1] >= p[1] for q in points.values())
+
+
+def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray):
+    exp = tmp_path / "pbt"
+    run_experiment(tiny(exp, "search.scheduler=pbt", "search.num_samples=2", "train.epochs=3"))
+    df = ResultsStore(exp / "results").read()
+    assert df.trial_id.nunique() == 2
+    assert all(epochs == [0, 1, 2] for epochs in per_trial_epochs(df))
+    assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
+
+
+def test_multi_objective_needs_no_scheduler():
+    with pytest.raises(Exception, match="needs search.scheduler: none"):
+        load_config(ROOT / "configs" / "lnln_quick.yaml", ["search.objectives=[robust_f1, worst_f1]"])
