@@ -106,13 +106,19 @@ def data_inspect(store: Path = typer.Argument(..., help="A Parquet dataset direc
     console.print(render(*summarize(store)))
 
 
+# Options shared by the commands that run experiments.
+CONFIG_OPTION = typer.Option(Path("configs/quick.yaml"), "--config", help="Experiment config (YAML).")
+SET_OPTION = typer.Option([], "--set", help="Override a config key: --set train.epochs=5 (repeatable).")
+ADDRESS_OPTION = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                              help="Ray cluster to join (default: start a private local one).")
+
+
 @app.command("train")
 def train(
-    config: Path = typer.Option(Path("configs/quick.yaml"), "--config", help="Experiment config (YAML)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config key: --set train.epochs=5 (repeatable)."),
+    config: Path = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
-    address: str = typer.Option(None, "--address", envvar="RAY_ADDRESS",
-                                help="Ray cluster to join (default: start a private local one)."),
+    address: str = ADDRESS_OPTION,
 ) -> None:
     """Run one training run: per-epoch metrics on valid and test over the missing-pattern grid.
 
@@ -137,11 +143,10 @@ def train(
 
 @app.command("tune")
 def tune_cmd(
-    config: Path = typer.Option(Path("configs/quick.yaml"), "--config", help="Experiment config (YAML)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+    config: Path = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
     resume: Path = typer.Option(None, "--resume", help="Continue this interrupted experiment."),
-    address: str = typer.Option(None, "--address", envvar="RAY_ADDRESS",
-                                help="Ray cluster to join (default: start a private local one)."),
+    address: str = ADDRESS_OPTION,
 ) -> None:
     """Search loss weights and adversarial schedules with Ray Tune + Optuna (the main job)."""
     from .config import load_config

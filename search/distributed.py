@@ -16,13 +16,11 @@ import torch
 from rich.console import Console
 
 from data_pipeline.errors import MsaSearchError
-from data_pipeline.missing import parse_pattern
 from data_pipeline.source import prepare_store
 from models.registry import get_model
 
 from .config import ExperimentConfig, load_config
-from .evaluate import PatternResult
-from .results import ResultsStore, flatten, result_rows
+from .results import ResultsStore, flatten
 from .run import prepare_run_dir
 
 EPOCH_LOG = "epochs.jsonl"
@@ -59,17 +57,12 @@ def _make_callback(run_dir: Path, run_id: str, cfg: ExperimentConfig):
 
         def after_report(self, run_context, metrics, checkpoint):
             report = metrics[0]
-            if "results" not in report:
+            if "rows" not in report:
                 return
             epoch = int(report["epoch"])
-            wall = time.time() - self.started
-            rows = []
-            for split, entries in report["results"].items():
-                results = [PatternResult(parse_pattern(e["pattern"]), {k: v for k, v in e.items() if k != "pattern"})
-                           for e in entries]
-                rows += result_rows(experiment=experiment, trial_id=run_id, model=model, epoch=epoch, split=split,
-                                    results=results, wall_time_s=wall, hparams=hparams)
-            ResultsStore(run_dir / "results").write_epoch(run_id, epoch, rows)
+            ResultsStore(run_dir / "results").write_report(
+                report, experiment=experiment, trial_id=run_id, model=model,
+                wall_time_s=time.time() - self.started, hparams=hparams)
             line = {"epoch": epoch, "robust_f1": report["robust_f1"], "checkpoint": checkpoint is not None,
                     **{k: v for k, v in report.items() if k.startswith(("mask_fingerprint/", "time/"))},
                     "losses": {k.split("/", 1)[1]: v for k, v in report.items() if k.startswith("loss/")}}

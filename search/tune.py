@@ -20,18 +20,15 @@ from rich.console import Console
 
 from data_pipeline.errors import MsaSearchError
 from data_pipeline.loader import load_split
-from data_pipeline.missing import parse_pattern
 from data_pipeline.presets import SPLITS
 from data_pipeline.source import prepare_store
 from data_pipeline.store import read_spec
 
 from .config import ExperimentConfig, load_config, objective_mode
-from .evaluate import PatternResult
-from .results import ResultsStore, flatten, result_rows
+from .results import OBJECTIVE, ResultsStore, epoch_metrics, flatten
 from .space import apply_params, resolve_space, space_to_data, tune_domains
 from .trainer import EpochReport, TrainState, build_state, fit, objective_value, resolve_device
 
-OBJECTIVE = "objective"
 TUNE_NAME = "tune"
 FAILURES = "failures.jsonl"
 
@@ -45,20 +42,6 @@ def optuna_storage_url(exp_dir: Path) -> str:
 
 
 # --- the trial -----------------------------------------------------------------------------
-
-def epoch_metrics(report: EpochReport, cfg: ExperimentConfig) -> dict[str, Any]:
-    """What a trial reports to Tune each epoch: the objective, headline numbers, and every
-    per-pattern row (as JSON, so Tune's own loggers keep one column for them)."""
-    valid = {r.pattern.name: r.metrics for r in report.results["valid"]}
-    return {
-        OBJECTIVE: report.objective, "epoch": report.epoch,
-        **{f"{OBJECTIVE}/{name}": objective_value(report.results, cfg, name) for name in cfg.search.objectives},
-        "f1_non0_complete": valid.get("intra:0.0", {}).get("f1_non0", float("nan")),
-        **{f"loss/{k}": v for k, v in report.losses.items()},
-        "rows": json.dumps({split: [{"pattern": r.pattern.name, **r.metrics} for r in rows]
-                            for split, rows in report.results.items()}),
-    }
-
 
 def _claim_start_index(exp_dir: Path) -> int:
     """0-based order in which this trial started (for the NaN test hook): the first free
@@ -96,7 +79,7 @@ def run_trial(params: dict, base: dict, store: str) -> None:
         state.epoch = saved["epoch"]
 
     def on_epoch(state: TrainState, report: EpochReport) -> None:
-        metrics = epoch_metrics(report, cfg)
+        metrics = epoch_metrics(report, {n: objective_value(report.results, cfg, n) for n in cfg.search.objectives})
         if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
             with tempfile.TemporaryDirectory() as ckpt:
                 torch.save({"epoch": state.epoch, "model": state.model.state_dict(),
@@ -156,15 +139,8 @@ def _results_callback(exp_dir: Path, base: ExperimentConfig):
                 params_file.parent.mkdir(exist_ok=True)
                 params_file.write_text(json.dumps(trial.config, indent=2) + "\n")
             cfg = apply_params(base, trial.config)
-            hparams = flatten(cfg.model_dump(mode="json"))
-            rows = []
-            for split, entries in json.loads(result["rows"]).items():
-                results = [PatternResult(parse_pattern(e["pattern"]), {k: v for k, v in e.items() if k != "pattern"})
-                           for e in entries]
-                rows += result_rows(experiment=exp_dir.name, trial_id=trial.trial_id, model=cfg.model.name,
-                                    epoch=int(result["epoch"]), split=split, results=results,
-                                    wall_time_s=time.time() - self.started, hparams=hparams)
-            store.write_epoch(trial.trial_id, int(result["epoch"]), rows)
+            store.write_report(result, experiment=exp_dir.name, trial_id=trial.trial_id, model=cfg.model.name,
+                               wall_time_s=time.time() - self.started, hparams=flatten(cfg.model_dump(mode="json")))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             reason = ""

@@ -20,6 +20,7 @@ from data_pipeline.presets import SPLITS
 from data_pipeline.store import read_spec
 
 from .config import ExperimentConfig
+from .results import epoch_metrics
 from .evaluate import ShardPredictions, metrics_rows, predict_patterns, scatter_rows, split_fingerprint
 from .trainer import EpochReport, build_state, objective_value, resolve_device, train_epoch
 
@@ -122,10 +123,8 @@ def worker_loop(loop_config: dict) -> None:
             fingerprints[f"mask_fingerprint/{split}"] = split_fingerprint(digests)
         report = EpochReport(epoch, losses, results, objective_value(results, cfg), trained - started,
                              time.perf_counter() - trained)
-        metrics = {"epoch": epoch, "robust_f1": report.objective, **{f"loss/{k}": v for k, v in losses.items()},
-                   **fingerprints, "time/train_s": report.train_time_s, "time/eval_s": report.eval_time_s,
-                   "results": {split: [{"pattern": r.pattern.name, **r.metrics} for r in res]
-                               for split, res in results.items()}}
+        metrics = {**epoch_metrics(report, {n: objective_value(results, cfg, n) for n in cfg.search.objectives}),
+                   **fingerprints, "time/train_s": report.train_time_s, "time/eval_s": report.eval_time_s}
         state.epoch += 1
         if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
             # DeepSpeed: one directory per node that all its ranks write their partitions into;

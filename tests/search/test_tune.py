@@ -161,3 +161,18 @@ def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray):
 def test_multi_objective_needs_no_scheduler():
     with pytest.raises(Exception, match="needs search.scheduler: none"):
         load_config(ROOT / "configs" / "lnln_quick.yaml", ["search.objectives=[robust_f1, worst_f1]"])
+
+
+def test_trials_can_nest_ray_train_workers(tmp_path, local_ray):
+    exp = tmp_path / "nested"
+    run_experiment(tiny(exp, "search.num_samples=2", "train.workers=1", "train.engine=ddp", "train.epochs=1",
+                        "search.cpus_per_trial=1"))
+    df = ResultsStore(exp / "results").read()
+    assert df.trial_id.nunique() == 2 and len(df) == 2 * 1 * 2 * 16
+    study = optuna.load_study(study_name=study_name(exp), storage=optuna_storage_url(exp))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    # What Optuna was told is the robust_f1 of the rows the workers reported.
+    patterns = tiny(exp).search.objective_patterns
+    valid = df[(df.split == "valid") & df.pattern.isin(patterns)]
+    from_rows = sorted(valid.groupby("trial_id").f1_non0.mean())
+    assert sorted(t.values[0] for t in study.trials) == pytest.approx(from_rows, abs=1e-9)
