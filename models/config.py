@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class AdversarialConfig(BaseModel):
@@ -19,6 +19,62 @@ class AdversarialConfig(BaseModel):
     warmup_epochs: int = Field(0, ge=0)
     # Discriminator updates per generator update (extra ones train the discriminator alone).
     disc_steps: int = Field(1, ge=1)
+
+
+class FRFWeights(BaseModel):
+    """Sub-weights inside HRLF's FRF loss (spec/hrlf.md: default 1 each)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    intra: float = Field(1.0, ge=0)  # D_m([Q_m; U_m]) -> x_m
+    inter: float = Field(1.0, ge=0)  # D_m([Q_n; U_m]) -> x_m, n != m
+    semantic: float = Field(1.0, ge=0)  # E_s(reconstruction) -> Q, and Q_m alone -> label
+    disentangle: float = Field(1.0, ge=0)  # soft orthogonality of Q_m and U_m
+
+
+class HRLFConfig(BaseModel):
+    """HRLF's own knobs (spec/hrlf.md); the choices the paper leaves open, with their defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # One sentiment-relevant encoder E_s for L, A, V (spec default) or one per modality.
+    shared_sentiment_encoder: bool = True
+    frf_weights: FRFWeights = Field(default_factory=FRFWeights)
+    # Translation targets x_m without gradient: otherwise FRF is cheapest with the modality
+    # encoders shrinking x_m towards 0, which only the task loss would resist.
+    detach_translation_target: bool = True
+    # Widths of the K fusion layers after concat(Q_L, Q_A, Q_V): 3d -> 256 -> 128 -> 64.
+    fusion_dims: list[int] = Field(default_factory=lambda: [256, 128, 64], min_length=1)
+    # HMI estimator: InfoNCE with a bilinear critic, or Deep InfoMax's JSD (softplus form).
+    mi_estimator: Literal["infonce", "jsd"] = "infonce"
+    # HMI weights of the K + 1 scales (h^0 = concat Q, then h^1..h^K); empty = equal.
+    # Normalized to sum to 1, so lambda_HMI means the same whatever K is.
+    hmi_scale_weights: list[float] = Field(default_factory=list)
+    # Fraction of training progress (not epochs: the trainer passes only progress) during
+    # which only the teacher's terms train (task_teacher and the teacher's FRF); 0 = joint.
+    teacher_pretrain_fraction: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("fusion_dims")
+    @classmethod
+    def _positive_widths(cls, dims: list[int]) -> list[int]:
+        if any(d <= 0 for d in dims):
+            raise ValueError(f"fusion widths must be positive, got {dims}")
+        return dims
+
+    @field_validator("hmi_scale_weights")
+    @classmethod
+    def _scale_weights(cls, weights: list[float]) -> list[float]:
+        if weights and (any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise ValueError(f"HMI scale weights must be >= 0 with a positive sum, got {weights}")
+        return weights
+
+    @model_validator(mode="after")
+    def _one_weight_per_scale(self) -> "HRLFConfig":
+        scales = len(self.fusion_dims) + 1
+        if self.hmi_scale_weights and len(self.hmi_scale_weights) != scales:
+            raise ValueError(f"hmi_scale_weights needs {scales} values (h^0 = concat Q, then one per fusion "
+                             f"layer {self.fusion_dims}), got {len(self.hmi_scale_weights)}")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -40,3 +96,5 @@ class ModelConfig(BaseModel):
     text_encoder: Literal["features", "bert"] = "features"
     # Local directory of BERT weights (text_encoder: bert); never downloaded at run time.
     bert_path: str = ""
+    # HRLF only (model.name: hrlf); LNLN ignores it.
+    hrlf: HRLFConfig = Field(default_factory=HRLFConfig)

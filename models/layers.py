@@ -282,3 +282,43 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+# --- mutual-information critics and bounds (HRLF's HMI) -------------------------------------
+
+class BilinearCritic(nn.Module):
+    """Scores f(a_i, b_j) = a_i^T W b_j for every pair of a batch: (B, d_a), (B, d_b) -> (B, B).
+
+    Matched pairs sit on the diagonal, the other rows of the batch are the negatives
+    (CPC, van den Oord et al., 2018). A square W starts at I / sqrt(d): a scaled dot product,
+    so the student is pulled towards its own teacher sample from the first step.
+    """
+
+    def __init__(self, dim_a: int, dim_b: int | None = None):
+        super().__init__()
+        dim_b = dim_a if dim_b is None else dim_b
+        if dim_a == dim_b:
+            weight = torch.eye(dim_a) / math.sqrt(dim_a)
+        else:
+            weight = nn.init.xavier_uniform_(torch.empty(dim_a, dim_b))
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ self.weight) @ b.T  # (B, B)
+
+
+def infonce_loss(scores: torch.Tensor) -> torch.Tensor:
+    """-(InfoNCE bound) + log B: cross-entropy of each row of a (B, B) score matrix against its
+    diagonal. Minimizing it maximizes the bound I >= log B - loss."""
+    target = torch.arange(scores.shape[0], device=scores.device)
+    return F.cross_entropy(scores, target)
+
+
+def jsd_mi_loss(scores: torch.Tensor) -> torch.Tensor:
+    """-(Jensen-Shannon MI estimate) in Deep InfoMax's softplus form (Hjelm et al., 2019):
+    E_pos[softplus(-T)] + E_neg[softplus(T)], the diagonal of (B, B) scores the positives."""
+    b = scores.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=scores.device)
+    positive = F.softplus(-scores[eye]).mean()
+    negative = F.softplus(scores[~eye]).mean() if b > 1 else scores.new_zeros(())
+    return positive + negative
