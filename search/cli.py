@@ -21,8 +21,10 @@ app = typer.Typer(help="Hyperparameter and robustness search for multimodal sent
 data_app = typer.Typer(help="Synthesize, convert and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console()
-err_console = Console(stderr=True)
+# markup=False: paths and error texts (Ray's, gloo's) contain [brackets] that rich would
+# otherwise parse as style tags and crash on.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 _state = {"debug": False}
 
 

@@ -115,7 +115,7 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
 
     from .worker import worker_loop
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, markup=False)
     if resume_dir is not None:
         run_dir = Path(resume_dir).resolve()
         if not (run_dir / "config.yaml").is_file():

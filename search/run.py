@@ -58,7 +58,7 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
     store = ResultsStore(out / "results")
     (out / "checkpoints").mkdir(exist_ok=True)
     hparams = flatten(cfg.model_dump(mode="json"))
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, markup=False)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
                         disable=not (show_progress and console.is_terminal))

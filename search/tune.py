@@ -235,7 +235,7 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
 
     from .distributed import ensure_ray
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, markup=False)
     if resume_dir is not None:
         exp_dir = Path(resume_dir).resolve()
         if not (exp_dir / "config.yaml").is_file() or not (exp_dir / "ray" / TUNE_NAME).is_dir():

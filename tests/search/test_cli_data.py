@@ -44,3 +44,8 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert r.returncode == 1 and "schema.json" in r.stderr
     r = cli("data", "synth", "--preset", "imdb", "--out", "x", cwd=tmp_path)
     assert r.returncode == 2 and "imdb" in r.stderr
+
+
+def test_error_text_with_brackets_is_printed_verbatim(tmp_path):
+    r = cli("data", "inspect", "odd[/name]", cwd=tmp_path)
+    assert r.returncode == 1 and "odd[/name]" in r.stderr and "Traceback" not in r.stderr
