@@ -90,7 +90,10 @@ def build_state(cfg: ExperimentConfig, train: SplitTensors, device: torch.device
     entry = get_model(cfg.model.name)
     weights = entry.loss_weights(cfg.model.loss_weights)
     model = entry.build(cfg.model, train.spec).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    # foreach: one multi-tensor kernel per update instead of ~290 per-parameter loops (the
+    # CPU default is the loop); the same arithmetic.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  foreach=True)
     per_epoch = -(-steps_per_epoch(len(train), cfg, world_size) // cfg.train.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.train.warmup_epochs * per_epoch, cfg.train.epochs * per_epoch))
