@@ -22,7 +22,7 @@ from models.registry import get_model
 
 from .config import ExperimentConfig
 from .results import ResultsStore, flatten, result_rows
-from .trainer import EpochReport, TrainState, fit, resolve_device
+from .trainer import EpochReport, TrainState, fit, resolve_device, save_state
 
 
 def load_splits(cfg: ExperimentConfig, cache_dir: Path) -> dict[str, SplitTensors]:
@@ -35,13 +35,6 @@ def prepare_run_dir(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise MsaSearchError(f"{out}: run directory exists and is not empty; set output.dir to a new directory")
     out.mkdir(parents=True, exist_ok=True)
-
-
-def save_checkpoint(state: TrainState, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"epoch": state.epoch, "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                "scheduler": state.scheduler.state_dict()}, tmp)
-    tmp.replace(path)
 
 
 def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_progress: bool = True,
@@ -71,7 +64,7 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
             for row in result_rows(experiment=out.name, trial_id=run_id, model=cfg.model.name, epoch=report.epoch,
                                    split=split, results=results, wall_time_s=wall, hparams=hparams)])
         if (report.epoch + 1) % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
-            save_checkpoint(state, out / "checkpoints" / "last.pt")
+            save_state(state, out / "checkpoints" / "last.pt")
         console.print(f"epoch {report.epoch + 1}/{cfg.train.epochs}  loss {report.losses['total']:.4f}  "
                       + "  ".join(f"{k} {v:.3f}" for k, v in report.losses.items() if k != "total")
                       + f"  valid robust_f1 {report.objective:.4f}"

@@ -10,6 +10,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -102,6 +103,23 @@ def build_state(cfg: ExperimentConfig, train: SplitTensors, device: torch.device
         disc_optimizer = torch.optim.AdamW(model.discriminator_parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
     return TrainState(model, optimizer, scheduler, entry, weights, disc_optimizer)
+
+
+def save_state(state: TrainState, path: Path) -> None:
+    """Model, optimizer, scheduler and the next epoch to run, written atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"epoch": state.epoch, "model": unwrap(state.model).state_dict(),
+                "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()}, tmp)
+    tmp.replace(path)
+
+
+def load_state(state: TrainState, path: Path) -> None:
+    """Restore what `save_state` wrote; training continues at the saved next epoch."""
+    saved = torch.load(path, weights_only=False)
+    unwrap(state.model).load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.epoch = int(saved["epoch"])
 
 
 def epoch_weights(state: TrainState, cfg: ExperimentConfig, epoch: int) -> dict[str, float]:

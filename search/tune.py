@@ -27,7 +27,8 @@ from data_pipeline.store import read_spec
 from .config import ExperimentConfig, load_config, objective_mode
 from .results import OBJECTIVE, ResultsStore, epoch_metrics, flatten
 from .space import apply_params, resolve_space, space_to_data, tune_domains
-from .trainer import EpochReport, TrainState, build_state, fit, objective_value, resolve_device
+from .trainer import (EpochReport, TrainState, build_state, fit, load_state, objective_value, resolve_device,
+                      save_state)
 
 TUNE_NAME = "tune"
 FAILURES = "failures.jsonl"
@@ -72,19 +73,13 @@ def run_trial(params: dict, base: dict, store: str) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt:
-            saved = torch.load(Path(ckpt) / "state.pt", weights_only=False)
-        state.model.load_state_dict(saved["model"])
-        state.optimizer.load_state_dict(saved["optimizer"])
-        state.scheduler.load_state_dict(saved["scheduler"])
-        state.epoch = saved["epoch"]
+            load_state(state, Path(ckpt) / "state.pt")
 
     def on_epoch(state: TrainState, report: EpochReport) -> None:
         metrics = epoch_metrics(report, {n: objective_value(report.results, cfg, n) for n in cfg.search.objectives})
         if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
             with tempfile.TemporaryDirectory() as ckpt:
-                torch.save({"epoch": state.epoch, "model": state.model.state_dict(),
-                            "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()},
-                           Path(ckpt) / "state.pt")
+                save_state(state, Path(ckpt) / "state.pt")
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt))
         else:
             tune.report(metrics)

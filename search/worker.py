@@ -22,7 +22,7 @@ from data_pipeline.store import read_spec
 from .config import ExperimentConfig
 from .results import epoch_metrics
 from .evaluate import ShardPredictions, metrics_rows, predict_patterns, scatter_rows, split_fingerprint
-from .trainer import EpochReport, build_state, objective_value, resolve_device, train_epoch
+from .trainer import EpochReport, build_state, load_state, objective_value, resolve_device, save_state, train_epoch
 
 CLIENT_STATE_FILE = "client_state.pt"  # DDP checkpoints: model/optimizer/scheduler + epoch
 
@@ -102,10 +102,9 @@ def worker_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state.epoch = _load(state, engine, Path(ckpt_dir)) + 1
+            _load(state, engine, Path(ckpt_dir))
 
     patterns = cfg.missing.patterns()
-    module = engine.module if engine is not None else getattr(state.model, "module", state.model)
     while state.epoch < cfg.train.epochs:
         epoch = state.epoch
         started = time.perf_counter()
@@ -136,7 +135,7 @@ def worker_loop(loop_config: dict) -> None:
             if world_size > 1:
                 dist.barrier()
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            _save(state, engine, module, ckpt_dir, epoch, rank)
+            _save(state, engine, ckpt_dir, epoch, rank)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)))
             if world_size > 1:
                 dist.barrier()  # every rank has uploaded before the shared directory goes
@@ -150,23 +149,18 @@ def worker_loop(loop_config: dict) -> None:
         dist.destroy_process_group()
 
 
-def _save(state, engine, module, ckpt_dir: Path, epoch: int, rank: int) -> None:
+def _save(state, engine, ckpt_dir: Path, epoch: int, rank: int) -> None:
     if engine is not None:
         # Collective: every rank writes its ZeRO partition into the same directory layout.
         engine.save_checkpoint(str(ckpt_dir), tag="state", client_state={"epoch": epoch})
     elif rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"epoch": epoch, "model": module.state_dict(), "optimizer": state.optimizer.state_dict(),
-                    "scheduler": state.scheduler.state_dict()}, ckpt_dir / CLIENT_STATE_FILE)
+        save_state(state, ckpt_dir / CLIENT_STATE_FILE)  # state.epoch is already the next epoch
 
 
-def _load(state, engine, ckpt_dir: Path) -> int:
+def _load(state, engine, ckpt_dir: Path) -> None:
+    """Restore a checkpoint; state.epoch becomes the next epoch to run."""
     if engine is not None:
         _, client_state = engine.load_checkpoint(str(ckpt_dir), tag="state")
-        return int(client_state["epoch"])
-    saved = torch.load(ckpt_dir / CLIENT_STATE_FILE, weights_only=False)
-    module = getattr(state.model, "module", state.model)
-    module.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    state.scheduler.load_state_dict(saved["scheduler"])
-    return int(saved["epoch"])
+        state.epoch = int(client_state["epoch"]) + 1
+    else:
+        load_state(state, ckpt_dir / CLIENT_STATE_FILE)
