@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from search.config import load_config
+from search.distributed import LOCAL_RAY_SYSTEM_CONFIG
 from search.export import export_best
 from search.results import ResultsStore
 from search.run import train_in_process
@@ -34,7 +35,8 @@ def tiny(exp: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     yield
     ray.shutdown()
 
