@@ -91,17 +91,18 @@ def build_state(cfg: ExperimentConfig, train: SplitTensors, device: torch.device
     entry = get_model(cfg.model.name)
     weights = entry.loss_weights(cfg.model.loss_weights)
     model = entry.build(cfg.model, train.spec).to(device)
-    # foreach: one multi-tensor kernel per update instead of ~290 per-parameter loops (the
-    # CPU default is the loop); the same arithmetic.
+    # fused: one kernel per parameter doing the whole AdamW update (CPU and CUDA), the same
+    # arithmetic. Measured on CPU: 3.5x faster than foreach=True (whose CPU path is a slow
+    # per-tensor fallback) and 2.6x faster than the default loop; ~3% of an LNLN step.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  foreach=True)
+                                  fused=True)
     per_epoch = -(-steps_per_epoch(len(train), cfg, world_size) // cfg.train.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.train.warmup_epochs * per_epoch, cfg.train.epochs * per_epoch))
     disc_optimizer = None
     if cfg.model.adversarial.disc_steps > 1 and hasattr(model, "discriminator_loss"):
         disc_optimizer = torch.optim.AdamW(model.discriminator_parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay)
+                                           weight_decay=cfg.train.weight_decay, fused=True)
     return TrainState(model, optimizer, scheduler, entry, weights, disc_optimizer)
 
 
