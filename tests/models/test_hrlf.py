@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import models.hrlf as hrlf_module
-from data_pipeline.loader import Batch, ModalityInput, SplitTensors
+from data_pipeline.loader import Batch, SplitTensors
 from data_pipeline.missing import parse_pattern
 from data_pipeline.schema import DataSpec
 from data_pipeline.synth import synthesize
@@ -21,6 +21,7 @@ from models.registry import get_model
 from search.config import ExperimentConfig, load_config
 from search.evaluate import evaluate_patterns
 from search.trainer import fit
+from random_batches import random_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 MODALITIES = ("text", "audio", "vision")
@@ -36,21 +37,7 @@ def tiny_model(**hrlf) -> HRLF:
 
 
 def tiny_batch(seed: int = 0, rate: float = 0.5) -> Batch:
-    """Random features and lengths; each valid position dropped with probability `rate`."""
-    g = torch.Generator().manual_seed(seed)
-    inputs = {}
-    for m in MODALITIES:
-        n, d = SPEC.seq_len(m), SPEC.dim(m)
-        lengths = torch.randint(2, n + 1, (B,), generator=g)
-        lengths[0] = n
-        valid = torch.arange(n)[None, :] < lengths[:, None]
-        keep = valid & (torch.rand(B, n, generator=g) >= rate)
-        complete = torch.randn(B, n, d, generator=g) * valid[..., None]
-        inputs[m] = ModalityInput(complete=complete, observed=complete * keep[..., None], valid=valid, keep=keep)
-    text = inputs["text"]
-    fraction = 1.0 - text.keep.sum(1) / text.valid.sum(1)
-    return Batch(text=text, audio=inputs["audio"], vision=inputs["vision"],
-                 label=torch.randn(B, generator=g) * 2, text_missing_fraction=fraction.float())
+    return random_batch(SPEC, B, seed=seed, rate=rate)
 
 
 def encoder_inputs(network) -> dict[str, list[torch.Tensor]]:

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import models.lnln as lnln_module
-from data_pipeline.loader import Batch, ModalityInput, SplitTensors, make_batch
+from data_pipeline.loader import Batch, SplitTensors, make_batch
 from data_pipeline.missing import TrainingMissing
 from data_pipeline.schema import DataSpec
 from data_pipeline.synth import synthesize
 from models.config import ModelConfig
 from models.layers import Attention, TokenEncoder, grad_reverse, grl_coefficient
 from models.lnln import LNLN
+from random_batches import random_batch
 
 SPEC = DataSpec(name="mosi-aligned", text_len=12, audio_len=10, vision_len=9, text_dim=16, audio_dim=5,
                 vision_dim=7, label_min=-3.0, label_max=3.0, has_text_bert=False, text_special_tokens=False)
@@ -29,22 +30,7 @@ def tiny_model(**options) -> LNLN:
 
 
 def tiny_batch(seed: int = 0, rate: float = 0.5) -> Batch:
-    """Random features, random lengths, each valid position dropped with probability `rate`."""
-    g = torch.Generator().manual_seed(seed)
-    inputs = {}
-    for m in ("text", "audio", "vision"):
-        n, d = SPEC.seq_len(m), SPEC.dim(m)
-        lengths = torch.randint(2, n + 1, (B,), generator=g)
-        lengths[0] = n  # one full-length row
-        valid = torch.arange(n)[None, :] < lengths[:, None]
-        keep = valid & (torch.rand(B, n, generator=g) >= rate)
-        keep[1] = valid[1]  # one row untouched by missing
-        complete = torch.randn(B, n, d, generator=g) * valid[..., None]
-        inputs[m] = ModalityInput(complete=complete, observed=complete * keep[..., None], valid=valid, keep=keep)
-    text = inputs["text"]
-    fraction = 1.0 - text.keep.sum(1) / text.valid.sum(1)
-    return Batch(text=text, audio=inputs["audio"], vision=inputs["vision"],
-                 label=torch.randn(B, generator=g) * 2, text_missing_fraction=fraction.float())
+    return random_batch(SPEC, B, seed=seed, rate=rate, untouched_row=1)
 
 
 def grads(model, loss, module) -> torch.Tensor:
