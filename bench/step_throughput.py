@@ -4,7 +4,8 @@
 
 Synthetic data at the real shapes (`mosi-aligned`: 50/50/50 steps; `mosi`: 50 text tokens,
 375 audio and 500 video frames), text as precomputed features, the model's default
-(reference) sizes. Prints `train_samples_per_s=<x>` and `eval_pattern_samples_per_s=<x>`.
+(reference) sizes; the training loop's own step (row chunks in parallel on CPU where exact,
+`--batch-chunks 1` for one stream). Prints `train_samples_per_s=<x>` and `eval_pattern_samples_per_s=<x>`.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from data_pipeline.missing import default_eval_grid, parse_pattern  # noqa: E402
 from data_pipeline.synth import synthesize  # noqa: E402
 from search.config import ExperimentConfig  # noqa: E402
 from search.evaluate import predict_patterns  # noqa: E402
-from search.trainer import build_state  # noqa: E402
+from search.row_parallel import eval_streams, resolve_chunks  # noqa: E402
+from search.trainer import build_state, forward_backward  # noqa: E402
 
 
 def main() -> None:
@@ -34,11 +36,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=0, help="0: enough for ~20 s")
     parser.add_argument("--eval-samples", type=int, default=128)
+    parser.add_argument("--batch-chunks", type=int, default=0,
+                        help="train.batch_chunks: 0 = auto (row chunks / patterns in parallel where exact), 1 = off")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     cfg = ExperimentConfig.model_validate({"model": {"name": args.model},
-                                           "train": {"batch_size": args.batch_size, "epochs": 1}})
+                                           "train": {"batch_size": args.batch_size, "epochs": 1,
+                                                     "batch_chunks": args.batch_chunks}})
     data = synthesize(args.shape, seed=0, scale=0.3)
     train = SplitTensors.from_arrays(data.spec, "train", data.split("train"))
     state = build_state(cfg, train, torch.device("cpu"))
@@ -48,15 +53,14 @@ def main() -> None:
     rows = batch_rows(len(train), args.batch_size, shuffle=True, seed=0, epoch=0)
     rows = [r for r in rows if len(r) == args.batch_size]
 
-    def step(i: int) -> None:
+    chunks = resolve_chunks(cfg, state.entry, torch.device("cpu"))
+
+    def step(i: int) -> None:  # the training loop's step (search/trainer.py)
         batch = make_batch(train, rows[i % len(rows)], missing, seed=1, epoch=0)
-        out = model(batch, progress=0.5)
-        terms = model.losses(out, batch, state.weights, 0.5)
-        total = sum(state.weights[k] * v for k, v in terms.items() if k in state.weights)  # skip logged-only terms
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        forward_backward(model, model, batch, state.weights, 0.5, chunks=chunks)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     model.train()
     step(0)  # warm-up (allocator, lazy init)
@@ -76,13 +80,14 @@ def main() -> None:
                        lengths={m: l[:n_eval] for m, l in test.lengths.items()},
                        text_bert=None if test.text_bert is None else test.text_bert[:n_eval])
     patterns = [parse_pattern(p) for p in default_eval_grid()]
-    predict_patterns(model, sub, patterns[:1], seed=1, batch_size=args.batch_size)  # warm-up
+    streams = eval_streams(cfg, torch.device("cpu"))  # as the training loop's evaluation
+    predict_patterns(model, sub, patterns[:streams], seed=1, batch_size=args.batch_size, streams=streams)  # warm-up
     start = time.perf_counter()
-    predict_patterns(model, sub, patterns, seed=1, batch_size=args.batch_size)
+    predict_patterns(model, sub, patterns, seed=1, batch_size=args.batch_size, streams=streams)
     eval_rate = n_eval * len(patterns) / (time.perf_counter() - start)
 
     print(f"model={args.model} shape={args.shape} batch_size={args.batch_size} threads={args.threads} "
-          f"params={n_params} train_steps={n_steps}")
+          f"params={n_params} train_steps={n_steps} batch_chunks={chunks} eval_streams={streams}")
     print(f"train_samples_per_s={train_rate:.1f}")
     print(f"eval_pattern_samples_per_s={eval_rate:.1f}")
 

@@ -74,7 +74,9 @@ def main() -> None:
     base = {
         "data": {"preset": args.preset, "scale": args.scale},
         "model": {"hidden_dim": 64, "num_heads": 4, "dim_head": 32, "mlp_dim": 64},
-        "train": {"epochs": args.epochs, "batch_size": 64, "device": "cpu"},
+        # batch_chunks 1: the bare loop runs the math a worker runs, one stream on all threads
+        # (in-process CPU training otherwise splits batches into parallel row chunks).
+        "train": {"epochs": args.epochs, "batch_size": 64, "device": "cpu", "batch_chunks": 1},
     }
     specs = [(engine, int(workers)) for engine, workers in (s.split(":") for s in args.configs.split(","))]
     ratios: dict[tuple[str, int], list[tuple[float, ...]]] = {s: [] for s in specs}

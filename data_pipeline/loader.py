@@ -77,14 +77,26 @@ class Batch:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "Batch":
         """Move every tensor to `device`; with `dtype`, floating tensors are also cast (bf16 engines)."""
-        def move(value):
+        def move(value: torch.Tensor) -> torch.Tensor:
+            cast = dtype if dtype is not None and value.is_floating_point() else None
+            return value.to(device, dtype=cast, non_blocking=non_blocking)
+        return self._map(move)
+
+    def split(self, chunks: int) -> list["Batch"]:
+        """`chunks` batches of consecutive rows (sizes differ by at most one; views, no copy)."""
+        chunks = max(1, min(chunks, len(self)))
+        bounds = [len(self) * i // chunks for i in range(chunks + 1)]
+        return [self._map(lambda t, lo=lo, hi=hi: t[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+
+    def _map(self, fn) -> "Batch":
+        """A batch with `fn` applied to every tensor (all have the rows first)."""
+        def apply(value):
             if isinstance(value, torch.Tensor):
-                cast = dtype if dtype is not None and value.is_floating_point() else None
-                return value.to(device, dtype=cast, non_blocking=non_blocking)
+                return fn(value)
             if isinstance(value, ModalityInput):
-                return ModalityInput(*(move(getattr(value, f.name)) for f in fields(ModalityInput)))
+                return ModalityInput(*(apply(getattr(value, f.name)) for f in fields(ModalityInput)))
             return value
-        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
+        return replace(self, **{f.name: apply(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass

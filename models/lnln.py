@@ -317,5 +317,6 @@ register(ModelEntry(
     },
     adversarial_terms=("adversarial",),
     selection_metric="robust_f1",
+    rows_independent=True,  # task/completeness/reconstruction MSE, discriminator CE, sparsity: row means
     description="Language-dominated Noise-resistant Learning Network (Zhang et al., NeurIPS 2024)",
 ))

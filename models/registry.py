@@ -65,6 +65,10 @@ class ModelEntry:
     adversarial_terms: tuple[str, ...] = ()  # weights held at 0 during adversarial warm-up
     selection_metric: str = "robust_f1"
     description: str = ""
+    # Every loss term is a mean of per-row terms and rows never interact (no batch-level
+    # contrast or statistics): a split batch's size-weighted losses sum to the batch's, so
+    # CPU training may run row chunks in parallel (search/row_parallel.py).
+    rows_independent: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def loss_weights(self, overrides: dict[str, float]) -> dict[str, float]:

@@ -18,6 +18,8 @@ from data_pipeline.missing import Pattern
 from data_pipeline.presets import MODALITIES
 from models.metrics import msa_metrics_grouped
 
+from .row_parallel import parallel_map
+
 
 @dataclass
 class PatternResult:
@@ -40,11 +42,13 @@ class ShardPredictions:
 @torch.no_grad()
 def predict_patterns(model: nn.Module, data: SplitTensors, patterns: list[Pattern], *, seed: int,
                      batch_size: int = 256, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                     rank: int = 0, world_size: int = 1) -> ShardPredictions:
+                     rank: int = 0, world_size: int = 1, streams: int = 1) -> ShardPredictions:
     """Predictions for every pattern on this rank's rows.
 
     With world_size > 1 every rank runs the same number of forward passes (shards are
-    padded), as ZeRO-3's collective parameter gathering requires.
+    padded), as ZeRO-3's collective parameter gathering requires. `streams` > 1 (CPU, one
+    process) runs that many patterns at a time, one thread each (search/row_parallel.py);
+    a pattern's batch is never split, so this is exact for any model.
     """
     was_training = model.training
     model.eval()
@@ -56,11 +60,16 @@ def predict_patterns(model: nn.Module, data: SplitTensors, patterns: list[Patter
         offset = 0
         for rows in shards:
             gathered = gather(data, rows)
-            for i, pattern in enumerate(patterns):
+
+            def predict(pattern: Pattern) -> tuple[np.ndarray, np.ndarray]:
                 batch = apply_missing(gathered, pattern, seed=seed)
-                digests[i, offset:offset + len(rows)] = mask_digest(batch)
-                out = model(batch.to(device, dtype=dtype))["prediction"].reshape(-1)
-                preds[i, offset:offset + len(rows)] = out.float().cpu().numpy()
+                with torch.no_grad():  # grad mode is per thread
+                    out = model(batch.to(device, dtype=dtype))["prediction"].reshape(-1)
+                return mask_digest(batch), out.float().cpu().numpy()
+
+            for i, (digest, pred) in enumerate(parallel_map(predict, patterns, streams)):
+                digests[i, offset:offset + len(rows)] = digest
+                preds[i, offset:offset + len(rows)] = pred
             offset += len(rows)
     finally:
         model.train(was_training)
@@ -102,7 +111,7 @@ def metrics_rows(preds: np.ndarray, data: SplitTensors, patterns: list[Pattern])
 
 
 def evaluate_patterns(model: nn.Module, data: SplitTensors, patterns: list[Pattern], *, seed: int,
-                      batch_size: int = 256, device: torch.device | str = "cpu") -> list[PatternResult]:
+                      batch_size: int = 256, device: torch.device | str = "cpu", streams: int = 1) -> list[PatternResult]:
     """One metrics row per pattern, in the order of `patterns`. `seed` is the mask seed."""
-    shard = predict_patterns(model, data, patterns, seed=seed, batch_size=batch_size, device=device)
+    shard = predict_patterns(model, data, patterns, seed=seed, batch_size=batch_size, device=device, streams=streams)
     return metrics_rows(scatter_rows(len(data), shard.preds, shard.rows), data, patterns)

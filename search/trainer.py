@@ -24,6 +24,7 @@ from models.registry import ModelEntry, get_model
 
 from .config import ExperimentConfig
 from .evaluate import PatternResult, evaluate_patterns
+from .row_parallel import eval_streams, resolve_chunks, row_parallel_backward
 
 
 class TrainingDiverged(MsaSearchError):
@@ -146,29 +147,28 @@ def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, d
     training_missing = cfg.missing.training()
     batches = batch_rows(len(train), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, epoch=epoch,
                          rank=rank, world_size=world_size)
+    # DDP / DeepSpeed (a wrapper or a step_fn) need their own backward(); in-process CPU
+    # training may split each batch into row chunks that run in parallel.
+    distributed = step_fn is not None or core is not model
+    chunks = resolve_chunks(cfg, state.entry, device, distributed=distributed)
     sums: dict[str, float] = {}
     for step, rows in enumerate(batches):
         batch = make_batch(train, rows, training_missing, seed=cfg.missing.seed, epoch=epoch).to(device, dtype=dtype)
         progress = (epoch + step / len(batches)) / cfg.train.epochs
-        outputs = model(batch, progress=progress)
-        terms = core.losses(outputs, batch, weights, progress)
-        # Terms outside `weights` (a model's LOGGED_TERMS, e.g. HRLF's FRF sub-terms) are logged, not trained.
-        total = sum(weights[name] * value for name, value in terms.items() if name in weights)
-        if cfg.train.inject_nan:
-            total = total * float("nan")
-        if not torch.isfinite(total):
+        outputs, terms, total = forward_backward(model, core, batch, weights, progress, chunks=chunks,
+                                                 scale=None if step_fn else 1.0 / cfg.train.grad_accum,
+                                                 inject_nan=cfg.train.inject_nan)
+        if not torch.isfinite(total):  # before any optimizer step
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             raise TrainingDiverged(f"loss is {total.item()} at epoch {epoch} step {step} ({detail})")
         if step_fn is not None:
             step_fn(total)
-        else:
-            (total / cfg.train.grad_accum).backward()
-            if (step + 1) % cfg.train.grad_accum == 0 or step + 1 == len(batches):
-                if cfg.train.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                state.optimizer.step()
-                state.optimizer.zero_grad(set_to_none=True)
-                state.scheduler.step()
+        elif (step + 1) % cfg.train.grad_accum == 0 or step + 1 == len(batches):
+            if cfg.train.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scheduler.step()
         extra_discriminator_steps(state, cfg, outputs)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -176,6 +176,29 @@ def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, d
         if on_step is not None:
             on_step(step + 1, len(batches), {k: v / (step + 1) for k, v in sums.items()})
     return {k: v / len(batches) for k, v in sums.items()}
+
+
+def forward_backward(model: nn.Module, core: nn.Module, batch, weights: dict[str, float], progress: float, *,
+                     chunks: int = 1, scale: float | None = 1.0, inject_nan: bool = False,
+                     ) -> tuple[dict | None, dict[str, torch.Tensor], torch.Tensor]:
+    """One batch's outputs, loss terms and weighted total; with `scale`, also adds
+    `scale * d(total)` to the gradients (None: the caller's engine runs backward). With
+    `chunks` > 1 the rows run in parallel chunks (search/row_parallel.py) and the outputs,
+    which no single chunk has, are None."""
+    def batch_loss(part) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor]:
+        outputs = model(part, progress=progress)
+        terms = core.losses(outputs, part, weights, progress)
+        # Terms outside `weights` (a model's LOGGED_TERMS, e.g. HRLF's FRF sub-terms) are logged, not trained.
+        total = sum(weights[name] * value for name, value in terms.items() if name in weights)
+        return outputs, terms, total * float("nan") if inject_nan else total
+
+    if chunks > 1:
+        terms, total = row_parallel_backward(model, batch, chunks, scale, lambda part: batch_loss(part)[1:])
+        return None, terms, total
+    outputs, terms, total = batch_loss(batch)
+    if scale is not None:
+        (total * scale).backward()
+    return outputs, terms, total
 
 
 def extra_discriminator_steps(state: TrainState, cfg: ExperimentConfig, outputs: dict) -> None:
@@ -194,8 +217,9 @@ def extra_discriminator_steps(state: TrainState, cfg: ExperimentConfig, outputs:
 def evaluate_epoch(model: nn.Module, cfg: ExperimentConfig, splits: dict[str, SplitTensors],
                    device: torch.device) -> dict[str, list[PatternResult]]:
     patterns = cfg.missing.patterns()
+    streams = eval_streams(cfg, device) if unwrap(model) is model else 1
     return {name: evaluate_patterns(model, data, patterns, seed=cfg.missing.seed,
-                                    batch_size=max(cfg.train.batch_size, 128), device=device)
+                                    batch_size=max(cfg.train.batch_size, 128), device=device, streams=streams)
             for name, data in splits.items()}
 
 

@@ -76,6 +76,23 @@ def test_masks_identical_across_batch_orders_and_batch_sizes(test_split):
     assert a == b and len(a) == len(test_split)
 
 
+def test_batch_split_gives_the_batches_of_its_row_ranges(test_split):
+    rows = _all_rows(test_split)[:11]
+    whole = make_batch(test_split, rows, TrainingMissing(), seed=3, epoch=0)
+    parts = whole.split(3)
+    assert [len(p) for p in parts] == [3, 4, 4]
+    start = 0
+    for part in parts:
+        alone = make_batch(test_split, rows[start:start + len(part)], TrainingMissing(), seed=3, epoch=0)
+        for m in MODALITIES:
+            for field in ("complete", "observed", "valid", "keep"):
+                assert torch.equal(getattr(part.modality(m), field), getattr(alone.modality(m), field))
+        assert torch.equal(part.label, alone.label)
+        assert torch.equal(part.text_missing_fraction, alone.text_missing_fraction)
+        start += len(part)
+    assert len(whole.split(50)) == 11  # never an empty chunk
+
+
 def test_training_masks_are_fresh_each_epoch_and_identical_across_shards(test_split):
     spec = TrainingMissing()
     rows = _all_rows(test_split)

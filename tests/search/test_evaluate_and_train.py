@@ -53,6 +53,17 @@ def test_sixteen_patterns_in_one_call_equal_sixteen_separate_calls(trained, alig
         assert alone.metrics == pytest.approx(row.metrics, abs=1e-6)
 
 
+def test_patterns_in_parallel_streams_equal_one_stream(trained, aligned_splits):
+    cfg, state = trained
+    patterns = cfg.missing.patterns()
+    one = evaluate_patterns(state.model, aligned_splits["valid"], patterns, seed=5, batch_size=40)
+    three = evaluate_patterns(state.model, aligned_splits["valid"], patterns, seed=5, batch_size=40, streams=3)
+    assert [r.pattern.name for r in three] == [r.pattern.name for r in one]
+    for a, b in zip(one, three):
+        assert b.metrics == pytest.approx(a.metrics, abs=1e-5)
+    assert one[0].metrics["mae"] != one[-1].metrics["mae"]  # the patterns do differ
+
+
 def test_lnln_learns_and_degrades_with_missing_rate(trained, aligned_splits):
     cfg, state = trained
     test = aligned_splits["test"]
