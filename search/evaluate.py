@@ -7,6 +7,7 @@ more (no reload, no re-gather, no complete-input branch: the model runs in eval 
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,14 +43,19 @@ class ShardPredictions:
 @torch.no_grad()
 def predict_patterns(model: nn.Module, data: SplitTensors, patterns: list[Pattern], *, seed: int,
                      batch_size: int = 256, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                     rank: int = 0, world_size: int = 1, streams: int = 1) -> ShardPredictions:
+                     rank: int = 0, world_size: int = 1, streams: int = 1,
+                     reuse_encodings: bool = True) -> ShardPredictions:
     """Predictions for every pattern on this rank's rows.
 
     With world_size > 1 every rank runs the same number of forward passes (shards are
     padded), as ZeRO-3's collective parameter gathering requires. `streams` > 1 (CPU, one
     process) runs that many patterns at a time, one thread each (search/row_parallel.py);
-    a pattern's batch is never split, so this is exact for any model.
+    a pattern's batch is never split, so this is exact for any model. A model may offer
+    `reuse_encodings()` (a context for forward passes over the same rows, e.g. LNLN); turn it
+    off where forward passes must stay the same on every rank (ZeRO-3 gathers parameters
+    per module, and whether an encoding is reused depends on the rank's rows).
     """
+    reuse = getattr(getattr(model, "module", model), "reuse_encodings", None) if reuse_encodings else None
     was_training = model.training
     model.eval()
     shards = batch_rows(len(data), batch_size, shuffle=False, seed=0, epoch=0, rank=rank, world_size=world_size)
@@ -67,7 +73,9 @@ def predict_patterns(model: nn.Module, data: SplitTensors, patterns: list[Patter
                     out = model(batch.to(device, dtype=dtype))["prediction"].reshape(-1)
                 return mask_digest(batch), out.float().cpu().numpy()
 
-            for i, (digest, pred) in enumerate(parallel_map(predict, patterns, streams)):
+            with reuse() if reuse is not None else nullcontext():
+                predicted = parallel_map(predict, patterns, streams)
+            for i, (digest, pred) in enumerate(predicted):
                 digests[i, offset:offset + len(rows)] = digest
                 preds[i, offset:offset + len(rows)] = pred
             offset += len(rows)

@@ -22,7 +22,9 @@ from data_pipeline.store import read_spec
 from .config import ExperimentConfig
 from .results import epoch_metrics
 from .evaluate import ShardPredictions, metrics_rows, predict_patterns, scatter_rows, split_fingerprint
-from .trainer import EpochReport, build_state, load_state, objective_value, resolve_device, save_state, train_epoch
+from .row_parallel import eval_streams
+from .trainer import (EpochReport, build_state, load_state, objective_value, resolve_device, save_state, train_epoch,
+                      unwrap)
 
 CLIENT_STATE_FILE = "client_state.pt"  # DDP checkpoints: model/optimizer/scheduler + epoch
 
@@ -105,6 +107,15 @@ def worker_loop(loop_config: dict) -> None:
             _load(state, engine, Path(ckpt_dir))
 
     patterns = cfg.missing.patterns()
+    # ZeRO-3 partitions the weights and gathers them module by module in the engine's
+    # forward: evaluate through the engine, one pattern at a time, and with several ranks
+    # run the same forward passes on every rank (no encodings reused, which depends on rows).
+    # Otherwise each rank holds whole weights: evaluate the bare module (no DDP buffer
+    # broadcast, no engine hooks), several patterns at a time on CPU.
+    zero3 = engine is not None and cfg.train.zero_stage == 3
+    zero3_sharded = zero3 and world_size > 1
+    eval_model = state.model if zero3 else unwrap(state.model)
+    streams = 1 if zero3 else eval_streams(cfg, device)
     while state.epoch < cfg.train.epochs:
         epoch = state.epoch
         started = time.perf_counter()
@@ -114,9 +125,10 @@ def worker_loop(loop_config: dict) -> None:
         results, fingerprints = {}, {}
         for split in ("valid", "test"):
             data = splits[split]
-            shard = predict_patterns(state.model, data, patterns, seed=cfg.missing.seed,
+            shard = predict_patterns(eval_model, data, patterns, seed=cfg.missing.seed,
                                      batch_size=max(cfg.train.batch_size, 128), device=device, dtype=dtype,
-                                     rank=rank, world_size=world_size)
+                                     rank=rank, world_size=world_size, streams=streams,
+                                     reuse_encodings=not zero3_sharded)
             preds, digests = _gather(shard, len(data), world_size)
             results[split] = metrics_rows(preds, data, patterns)
             fingerprints[f"mask_fingerprint/{split}"] = split_fingerprint(digests)

@@ -10,7 +10,7 @@ from data_pipeline.missing import default_eval_grid, parse_pattern
 from data_pipeline.synth import synthesize
 from models.metrics import msa_metrics
 from search.config import ExperimentConfig
-from search.evaluate import evaluate_patterns
+from search.evaluate import evaluate_patterns, predict_patterns
 from search.trainer import TrainingDiverged, build_state, fit, train_epoch
 
 SMALL_MODEL = {"hidden_dim": 32, "num_heads": 4, "dim_head": 16, "mlp_dim": 32, "tokens": 4}
@@ -62,6 +62,30 @@ def test_patterns_in_parallel_streams_equal_one_stream(trained, aligned_splits):
     for a, b in zip(one, three):
         assert b.metrics == pytest.approx(a.metrics, abs=1e-5)
     assert one[0].metrics["mae"] != one[-1].metrics["mae"]  # the patterns do differ
+
+
+def test_reused_encodings_give_the_same_predictions_from_fewer_encoder_passes(trained, aligned_splits):
+    cfg, state = trained
+    patterns = cfg.missing.patterns()
+    calls = []
+    hooks = [state.model.embeddings[m].register_forward_hook(lambda *_, m=m: calls.append(m))
+             for m in ("text", "audio", "vision")]
+    try:
+        runs = {}
+        for reuse in (False, True):
+            calls.clear()
+            runs[reuse] = predict_patterns(state.model, aligned_splits["test"], patterns, seed=5,
+                                           batch_size=1000, reuse_encodings=reuse)
+            runs[reuse, "calls"] = len(calls)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    np.testing.assert_array_equal(runs[True].preds, runs[False].preds)
+    np.testing.assert_array_equal(runs[True].digests, runs[False].digests)
+    # One chunk: each modality is encoded for intra:0.0-0.9 and once dropped; the inter
+    # patterns reuse those (3 x 16 = 48 encodings without reuse, 3 x 11 = 33 with it).
+    assert runs[False, "calls"] == 48 and runs[True, "calls"] == 33
+    assert state.model._encodings is None  # closed after evaluation
 
 
 def test_lnln_learns_and_degrades_with_missing_rate(trained, aligned_splits):
