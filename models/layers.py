@@ -169,14 +169,14 @@ class TokenEncoder(nn.Module):
         positions = torch.arange(1, x.shape[1] + 1, device=x.device)
         lengths = (mask * positions).amax(dim=1)  # (B,)
         order = torch.argsort(lengths)
-        groups = [g for g in torch.tensor_split(order, min(self.length_buckets, len(order))) if len(g)]
-        if len(groups) <= 1:
-            cut = int(lengths.max())
-            return self._encode(x[:, :cut], mask[:, :cut])
-        maxima = lengths[order].tensor_split(len(groups))
+        # Always `length_buckets` groups, empty ones included (a batch of fewer rows): every
+        # batch then makes the same submodule calls, which ZeRO-3 needs (each rank gathers the
+        # same weights in the same order; a 1-row tail batch on one rank once broke that).
+        groups = torch.tensor_split(order, self.length_buckets)
+        maxima = lengths[order].tensor_split(self.length_buckets)
         outs = []
         for rows, lens in zip(groups, maxima):
-            cut = int(lens[-1])  # sorted ascending: the last is the group's longest
+            cut = int(lens[-1]) if len(lens) else 1  # sorted ascending: the last is the group's longest
             outs.append(self._encode(x[rows, :cut], mask[rows, :cut]))
         return torch.cat(outs).index_select(0, torch.argsort(order))  # back to batch order
 

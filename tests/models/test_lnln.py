@@ -226,6 +226,27 @@ def test_token_encoder_ignores_padding_and_length_buckets():
     assert reference.shape == (7, 4, 32)
 
 
+def test_token_encoder_makes_the_same_submodule_calls_for_any_batch_size():
+    # ZeRO-3 gathers weights per submodule call: ranks with a 1-row tail batch and a full
+    # batch must call the same submodules the same number of times.
+    torch.manual_seed(0)
+    enc = TokenEncoder(20, 32, depth=2, heads=4, dim_head=8, mlp_dim=32, tokens=4, d_in=5, length_buckets=4)
+    calls = []
+    enc.in_proj.register_forward_pre_hook(lambda *_: calls.append(1))
+    lengths = torch.tensor([20, 3, 17, 8, 11, 5, 14])
+    outputs = {}
+    for rows in (7, 2, 1):
+        calls.clear()
+        x, mask = torch.randn(rows, 20, 5), torch.arange(20)[None, :] < lengths[:rows, None]
+        outputs[rows] = (enc(x, mask), len(calls), x, mask)
+    assert [outputs[r][1] for r in (7, 2, 1)] == [4, 4, 4]
+    for rows in (2, 1):  # empty groups change nothing: each row as if encoded alone
+        out, _, x, mask = outputs[rows]
+        for i in range(rows):
+            alone = enc._encode(x[i:i + 1, :int(lengths[i])], mask[i:i + 1, :int(lengths[i])])
+            assert torch.allclose(out[i:i + 1], alone, atol=1e-5)
+
+
 def test_absorbed_few_query_attention_matches_full_attention():
     torch.manual_seed(0)
     attn = Attention(32, heads=4, dim_head=8).double()
