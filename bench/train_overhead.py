@@ -1,19 +1,24 @@
 """Benchmark: Ray Train (+ DeepSpeed / DDP) overhead against a bare in-process loop.
 
     python bench/train_overhead.py [--preset mosi-aligned] [--scale 1.0] [--epochs 2] [--repeats 2]
+                                   [--batch-chunks 1]
 
 Runs the same epochs (train + per-pattern evaluation of valid and test) as
 1. the bare in-process loop (search.trainer.fit), with no Ray running,
 2. `msa-search train` on Ray Train with 1 and 2 workers, engine deepspeed and ddp,
 and prints, per configuration, the median over `--repeats` rounds of
-- ratio_epochs: the workers' per-epoch train + eval time over the bare loop's,
+- ratio_epochs: the workers' per-epoch train + eval time over the bare loop's (and, as
+  ratio_train / ratio_eval, each phase alone),
 - ratio_wall: the run's wall time, excluding the one-time Ray start, over the bare loop's
   wall time (worker start-up, DeepSpeed set-up, checkpoints and teardown included; both
   read the Parquet store inside their timing),
 - startup_s: what the run spends outside its epochs (the fixed cost a longer run amortises),
 - ray_train_s: of that, what an empty TorchTrainer with the same workers costs on a fresh
-  cluster (Ray Train's own worker-group start and teardown, ~7-10 s here),
+  cluster (Ray Train's own worker-group start and teardown: 7-22 s on 2-core machines here),
 - ratio_wall_excl_ray: the wall ratio without ray_train_s either.
+`--batch-chunks` is `train.batch_chunks` on both sides: 1 (default) runs the same math in
+both, one stream on all threads; 0 is what each gets by default (in-process: row chunks and
+patterns in parallel, one thread each; a worker: patterns in parallel, whole batches).
 Each round runs the bare loop and then every configuration on a fresh local cluster, so a
 ratio compares runs minutes apart: on a shared machine single runs swing by 20%.
 Goal: ratio <= 1.1 at MOSI-size data.
@@ -67,6 +72,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads in total (split across workers)")
     parser.add_argument("--configs", default="deepspeed:1,deepspeed:2,ddp:1,ddp:2")
+    parser.add_argument("--batch-chunks", type=int, default=1, help="train.batch_chunks on both sides (0: auto)")
     args = parser.parse_args()
     import ray
 
@@ -74,9 +80,9 @@ def main() -> None:
     base = {
         "data": {"preset": args.preset, "scale": args.scale},
         "model": {"hidden_dim": 64, "num_heads": 4, "dim_head": 32, "mlp_dim": 64},
-        # batch_chunks 1: the bare loop runs the math a worker runs, one stream on all threads
-        # (in-process CPU training otherwise splits batches into parallel row chunks).
-        "train": {"epochs": args.epochs, "batch_size": 64, "device": "cpu", "batch_chunks": 1},
+        # --batch-chunks 1: the bare loop runs the math a worker runs, one stream on all threads
+        # (by default in-process CPU training splits batches into parallel row chunks).
+        "train": {"epochs": args.epochs, "batch_size": 64, "device": "cpu", "batch_chunks": args.batch_chunks},
     }
     specs = [(engine, int(workers)) for engine, workers in (s.split(":") for s in args.configs.split(","))]
     ratios: dict[tuple[str, int], list[tuple[float, ...]]] = {s: [] for s in specs}
@@ -94,6 +100,7 @@ def main() -> None:
             bare_wall = time.perf_counter() - start
             bare_epochs = sum(r.train_time_s + r.eval_time_s for r in state.history)
             bare_train = sum(r.train_time_s for r in state.history)
+            bare_eval = bare_epochs - bare_train
             print(f"round {round_} bare: epochs_s={bare_epochs:.1f} (train {bare_train:.1f} "
                   f"eval {bare_epochs - bare_train:.1f}) wall_s={bare_wall:.1f}", flush=True)
             for engine, workers in specs:
@@ -113,15 +120,18 @@ def main() -> None:
                 log = [json.loads(l) for l in (run / EPOCH_LOG).read_text().splitlines()]
                 train_s = sum(e["time/train_s"] for e in log)
                 epochs_s = train_s + sum(e["time/eval_s"] for e in log)
-                row = (epochs_s / bare_epochs, wall / bare_wall, (wall - empty_s) / bare_wall, wall - epochs_s, empty_s)
+                row = (epochs_s / bare_epochs, train_s / bare_train, (epochs_s - train_s) / bare_eval,
+                       wall / bare_wall, (wall - empty_s) / bare_wall, wall - epochs_s, empty_s)
                 ratios[(engine, workers)].append(row)
                 print(f"round {round_} {engine} workers={workers}: epochs_s={epochs_s:.1f} (train {train_s:.1f} "
                       f"eval {epochs_s - train_s:.1f}) wall_s={wall:.1f} ray_start_s={start - ray_start:.1f} "
-                      f"ray_train_s={empty_s:.1f} ratio_epochs={row[0]:.2f} ratio_wall={row[1]:.2f} "
-                      f"ratio_wall_excl_ray={row[2]:.2f}", flush=True)
+                      f"ray_train_s={empty_s:.1f} ratio_epochs={row[0]:.2f} (train {row[1]:.2f} eval {row[2]:.2f}) "
+                      f"ratio_wall={row[3]:.2f} ratio_wall_excl_ray={row[4]:.2f}", flush=True)
         for (engine, workers), rows in ratios.items():
-            epochs_ratio, wall_ratio, excl_ratio, startup, empty = (statistics.median(col) for col in zip(*rows))
-            print(f"{engine} workers={workers}: ratio_epochs={epochs_ratio:.2f} ratio_wall={wall_ratio:.2f} "
+            epochs_ratio, train_ratio, eval_ratio, wall_ratio, excl_ratio, startup, empty = (
+                statistics.median(col) for col in zip(*rows))
+            print(f"{engine} workers={workers}: ratio_epochs={epochs_ratio:.2f} ratio_train={train_ratio:.2f} "
+                  f"ratio_eval={eval_ratio:.2f} ratio_wall={wall_ratio:.2f} "
                   f"ratio_wall_excl_ray={excl_ratio:.2f} startup_s={startup:.1f} ray_train_s={empty:.1f} "
                   f"(median of {len(rows)})")
     finally:

@@ -12,7 +12,7 @@ import ray
 
 from data_pipeline.errors import MsaSearchError
 from search.config import ExperimentConfig
-from search.distributed import EPOCH_LOG, LOCAL_RAY_SYSTEM_CONFIG, train_distributed
+from search.distributed import EPOCH_LOG, LOCAL_RAY_SYSTEM_CONFIG, cpu_layout_hint, train_distributed
 from search.results import ResultsStore
 
 pytestmark = pytest.mark.integration
@@ -94,6 +94,14 @@ def test_fp16_on_cpu_is_refused_before_ray_starts(tmp_path):
     with pytest.raises(MsaSearchError, match="fp16 needs a GPU"):
         train_distributed(tiny_cfg(tmp_path, "fp16", workers=2, precision="fp16"))
     assert not (tmp_path / "fp16").exists()
+
+
+def test_multi_cpu_workers_on_cpu_get_the_one_cpu_per_worker_hint(tmp_path):
+    hint = cpu_layout_hint(tiny_cfg(tmp_path, "a", workers=1, cpus_per_worker=2), gpu=False)
+    assert hint is not None and "train.workers=2 train.cpus_per_worker=1" in hint
+    assert "train.workers=6" in cpu_layout_hint(tiny_cfg(tmp_path, "b", workers=2, cpus_per_worker=3), gpu=False)
+    assert cpu_layout_hint(tiny_cfg(tmp_path, "c", workers=2, cpus_per_worker=1), gpu=False) is None
+    assert cpu_layout_hint(tiny_cfg(tmp_path, "d", workers=1, cpus_per_worker=4), gpu=True) is None
 
 
 def test_private_local_cluster_runs_training_workers_at_normal_priority():
