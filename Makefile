@@ -29,7 +29,7 @@ run: install
 	@echo "Retrain the best: $(BIN)/msa-search train --config $(EXP)/best.yaml"
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=12 tests  # the slowest tests, to keep the suite under 15 min on 2 cores
 
 bench: install
 	$(BIN)/python bench/data_load.py
