@@ -102,7 +102,7 @@ def main() -> None:
             bare_train = sum(r.train_time_s for r in state.history)
             bare_eval = bare_epochs - bare_train
             print(f"round {round_} bare: epochs_s={bare_epochs:.1f} (train {bare_train:.1f} "
-                  f"eval {bare_epochs - bare_train:.1f}) wall_s={bare_wall:.1f}", flush=True)
+                  f"eval {bare_eval:.1f}) wall_s={bare_wall:.1f}", flush=True)
             for engine, workers in specs:
                 cpus = max(1, args.threads // workers)
                 empty_s = ray_train_start_s(workers, cpus, tmp / "empty")
@@ -119,12 +119,13 @@ def main() -> None:
                 ray.shutdown()
                 log = [json.loads(l) for l in (run / EPOCH_LOG).read_text().splitlines()]
                 train_s = sum(e["time/train_s"] for e in log)
-                epochs_s = train_s + sum(e["time/eval_s"] for e in log)
-                row = (epochs_s / bare_epochs, train_s / bare_train, (epochs_s - train_s) / bare_eval,
+                eval_s = sum(e["time/eval_s"] for e in log)
+                epochs_s = train_s + eval_s
+                row = (epochs_s / bare_epochs, train_s / bare_train, eval_s / bare_eval,
                        wall / bare_wall, (wall - empty_s) / bare_wall, wall - epochs_s, empty_s)
                 ratios[(engine, workers)].append(row)
                 print(f"round {round_} {engine} workers={workers}: epochs_s={epochs_s:.1f} (train {train_s:.1f} "
-                      f"eval {epochs_s - train_s:.1f}) wall_s={wall:.1f} ray_start_s={start - ray_start:.1f} "
+                      f"eval {eval_s:.1f}) wall_s={wall:.1f} ray_start_s={start - ray_start:.1f} "
                       f"ray_train_s={empty_s:.1f} ratio_epochs={row[0]:.2f} (train {row[1]:.2f} eval {row[2]:.2f}) "
                       f"ratio_wall={row[3]:.2f} ratio_wall_excl_ray={row[4]:.2f}", flush=True)
         for (engine, workers), rows in ratios.items():
