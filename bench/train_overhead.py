@@ -39,8 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search.config import ExperimentConfig  # noqa: E402
-from search.distributed import EPOCH_LOG, ensure_ray, train_distributed  # noqa: E402
-from search.run import load_splits  # noqa: E402
+from data_pipeline.loader import load_splits  # noqa: E402
+from data_pipeline.source import prepare_store  # noqa: E402
+from search.distributed import train_distributed  # noqa: E402
+from search.layout import Layout  # noqa: E402
+from search.ray_setup import ensure_ray  # noqa: E402
 from search.trainer import fit  # noqa: E402
 
 
@@ -89,13 +92,12 @@ def main() -> None:
     try:
         cfg = ExperimentConfig.model_validate({**base, "output": {"dir": str(tmp / "bare")}})
         torch.set_num_threads(args.threads)
-        load_splits(cfg, tmp / "data")  # synthesizes the Parquet store once
-        store = next((tmp / "data").iterdir())
+        store = prepare_store(cfg.data, tmp / "data")  # synthesizes the Parquet store once
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(store)})})
         for round_ in range(args.repeats):
             # Like a worker, the bare loop reads the Parquet store inside its timing.
             start = time.perf_counter()
-            splits = load_splits(cfg, tmp / "bare-data")
+            splits = load_splits(prepare_store(cfg.data, tmp / "bare-data"))
             state = fit(cfg, splits, device=torch.device("cpu"))
             bare_wall = time.perf_counter() - start
             bare_epochs = sum(r.train_time_s + r.eval_time_s for r in state.history)
@@ -117,7 +119,7 @@ def main() -> None:
                 run, _ = train_distributed(run_cfg)
                 wall = time.perf_counter() - start
                 ray.shutdown()
-                log = [json.loads(l) for l in (run / EPOCH_LOG).read_text().splitlines()]
+                log = [json.loads(l) for l in Layout(run).epoch_log.read_text().splitlines()]
                 train_s = sum(e["time/train_s"] for e in log)
                 eval_s = sum(e["time/eval_s"] for e in log)
                 epochs_s = train_s + eval_s

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .missing import UNK_TOKEN_ID, MissingSpec, drop_fraction, droppable_mask, keep_masks, sample_keys
-from .presets import MODALITIES
+from .presets import MODALITIES, SPLITS
 from .schema import DataSpec, SplitArrays
 from .store import read_spec, read_split
 
@@ -49,6 +49,12 @@ class SplitTensors:
 def load_split(store_dir: str | Path, split: str, spec: DataSpec | None = None) -> SplitTensors:
     spec = spec or read_spec(store_dir)
     return SplitTensors.from_arrays(spec, split, read_split(store_dir, split, spec))
+
+
+def load_splits(store_dir: str | Path) -> dict[str, SplitTensors]:
+    """Every split of a store (train, valid, test): what each training path reads."""
+    spec = read_spec(store_dir)
+    return {split: load_split(store_dir, split, spec) for split in SPLITS}
 
 
 @dataclass

@@ -53,9 +53,11 @@ def parse_pattern(text: str) -> Pattern:
             rate = float(arg)
         except ValueError:
             rate = -1.0
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"bad missing pattern '{text}': intra rate must be a number in [0, 1], e.g. intra:0.3")
-        return Pattern("intra", round(rate, 4))
+        # Names carry one decimal (intra:0.3): a rate off that grid would be renamed silently.
+        if not 0.0 <= rate <= 1.0 or abs(rate * 10 - round(rate * 10)) > 1e-9:
+            raise ValueError(f"bad missing pattern '{text}': intra rate must be one of 0.0, 0.1, ..., 1.0, "
+                             "e.g. intra:0.3")
+        return Pattern("intra", round(rate, 1))
     if kind == "inter":
         letters = arg.split("+") if arg else []
         if not letters or any(l not in LETTER_TO_MODALITY for l in letters) or len(set(letters)) != len(letters):

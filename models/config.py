@@ -77,24 +77,45 @@ class HRLFConfig(BaseModel):
         return self
 
 
+class LNLNConfig(BaseModel):
+    """LNLN's own options (spec/lnln.md), among them where it may differ from the reference code."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: int = Field(8, gt=0)  # learnable tokens per modality (T)
+    fusion_depth: int | None = Field(None, gt=0)  # None: 2 for MOSI, 4 for MOSEI/SIMS
+    hyper_dim_head: int | None = Field(None, gt=0)  # hyper-modality attention; None: hidden_dim // num_heads
+    # "adversarial": only the discriminator sees the reversed H_P (DANN); "shared": the
+    # reversed H_P also feeds the prediction, as the reference code does.
+    grl_placement: Literal["adversarial", "shared"] = "adversarial"
+    # Where the fusion Transformer takes its queries: H_hyper (old spec) or the last language layer.
+    fusion_query: Literal["hyper", "language"] = "hyper"
+    # The reference regresses onto complete features that keep their gradient; True detaches them.
+    detach_reconstruction_target: bool = False
+    # Ablation: the completeness w fixed to this value (None: predicted by the completeness check).
+    fixed_completeness: float | None = Field(None, ge=0, le=1)
+    # Length groups of the embeddings' Transformers (each skips its group's trailing padding).
+    length_buckets: int = Field(4, ge=1)
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["lnln", "hrlf"] = "lnln"
+    # A registered model (models/registry.py); ExperimentConfig checks the name.
+    name: str = "lnln"
     # Weights of the model's named loss terms; terms not given take the registry's defaults.
     loss_weights: dict[str, float] = Field(default_factory=dict)
     hidden_dim: int = Field(128, gt=0)
     num_heads: int = Field(8, gt=0)
     dim_head: int = Field(64, gt=0)
     mlp_dim: int = Field(128, gt=0)
-    tokens: int = Field(8, gt=0)  # learnable tokens per modality
     depth: int = Field(2, gt=0)  # Transformer depth of encoders
-    fusion_depth: int | None = Field(None, gt=0)  # None: 2 for MOSI, 4 for MOSEI/SIMS (LNLN)
     dropout: float = Field(0.0, ge=0, lt=1)
     task_loss: Literal["mse", "l1"] = "mse"
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     text_encoder: Literal["features", "bert"] = "features"
     # Local directory of BERT weights (text_encoder: bert); never downloaded at run time.
     bert_path: str = ""
-    # HRLF only (model.name: hrlf); LNLN ignores it.
+    # Each model's own options; a model reads its own section only.
+    lnln: LNLNConfig = Field(default_factory=LNLNConfig)
     hrlf: HRLFConfig = Field(default_factory=HRLFConfig)

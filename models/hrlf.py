@@ -24,9 +24,10 @@ from data_pipeline.presets import MODALITIES
 from data_pipeline.schema import DataSpec
 
 from .config import ModelConfig
+from .entry import ModelEntry
 from .layers import (BilinearCritic, Discriminator, TokenEncoder, grad_reverse, grl_coefficient, infonce_loss,
                      jsd_mi_loss, mlp)
-from .registry import ADVERSARIAL_SPACE, OPTIMIZER_SPACE, Dist, ModelEntry, register
+from .space import ADVERSARIAL_SPACE, OPTIMIZER_SPACE, Dist
 
 Tensor = torch.Tensor
 
@@ -190,9 +191,7 @@ class HRLF(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: DataSpec):
         super().__init__()
-        if cfg.text_encoder != "features":
-            raise ValueError("HRLF reads precomputed text features only; use model.text_encoder: features")
-        grl_coefficient(0.0, cfg.adversarial.schedule, cfg.adversarial.lambda_max, cfg.adversarial.gamma)
+        check_config(cfg)
         h = cfg.hrlf
         self.task_loss, self.adversarial = cfg.task_loss, cfg.adversarial
         self.mi_estimator, self.teacher_pretrain_fraction = h.mi_estimator, h.teacher_pretrain_fraction
@@ -215,10 +214,9 @@ class HRLF(nn.Module):
                                            for m in MODALITIES})
         return out
 
-    def losses(self, outputs: dict, batch: Batch, weights: dict[str, float] | None = None,
-               progress: float = 0.0) -> dict[str, Tensor]:
-        """The terms of LOSS_TERMS (unweighted scalars) plus the detached LOGGED_TERMS.
-        `weights` is unused: the trainer weights the terms. Without a teacher pass (eval mode)
+    def losses(self, outputs: dict, batch: Batch, progress: float = 0.0) -> dict[str, Tensor]:
+        """The terms of LOSS_TERMS (unweighted scalars; the trainer weights them) plus the
+        detached LOGGED_TERMS. Without a teacher pass (eval mode)
         the teacher-student terms are 0. During teacher pre-training the student's terms are
         returned detached: logged, but they train nothing."""
         s, t = outputs["student"], outputs.get("teacher")
@@ -253,14 +251,16 @@ class HRLF(nn.Module):
         return hierarchical_adversarial(self.discriminators, student, outputs["teacher"].scales, 1.0)
 
 
-def build_hrlf(cfg: ModelConfig, spec: DataSpec) -> HRLF:
-    # Adversarial warm-up is the trainer's (the `hal` weight is 0 for warmup_epochs epochs).
-    return HRLF(cfg, spec)
+def check_config(cfg: ModelConfig) -> None:
+    """What can be checked before any data is read (the model is built later, inside trials)."""
+    if cfg.text_encoder != "features":
+        raise ValueError("model.text_encoder: HRLF reads precomputed text features only "
+                         f"(got '{cfg.text_encoder}'); use features")
 
 
-register(ModelEntry(
+ENTRY = ModelEntry(
     name="hrlf",
-    builder=build_hrlf,
+    builder=HRLF,
     loss_terms=dict(HRLF.LOSS_TERMS),
     search_space={
         "model.loss_weights.frf": Dist("loguniform", 0.01, 3.0),
@@ -280,6 +280,5 @@ register(ModelEntry(
         **OPTIMIZER_SPACE,
     },
     adversarial_terms=("hal",),
-    selection_metric="robust_f1",
-    description="Hierarchical Representation Learning Framework (Li et al., NeurIPS 2024)",
-))
+    check_config=check_config,
+)

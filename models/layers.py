@@ -239,19 +239,12 @@ GRLKind = Literal["constant", "linear", "dann"]
 
 
 def grl_coefficient(progress: float, kind: GRLKind = "constant", lambda_max: float = 1.0,
-                    gamma: float = 10.0, warmup: float = 0.0) -> float:
-    """GRL coefficient at training progress in [0, 1] (spec/lnln.md, adversarial schedule).
-
-    The first `warmup` fraction of progress gives 0; after it, with p the post-warm-up
-    progress rescaled to [0, 1]: constant = lambda_max, linear = lambda_max * p,
-    dann = lambda_max * (2 / (1 + exp(-gamma * p)) - 1) (Ganin et al., 2016).
+                    gamma: float = 10.0) -> float:
+    """GRL coefficient at training progress p in [0, 1] (spec/lnln.md, adversarial schedule):
+    constant = lambda_max, linear = lambda_max * p, dann = lambda_max * (2 / (1 + exp(-gamma p)) - 1)
+    (Ganin et al., 2016). Warm-up is the trainer's: it holds the adversarial terms' weights at 0.
     """
-    if not 0.0 <= warmup <= 1.0:
-        raise ValueError(f"GRL warm-up must be a fraction in [0, 1], got {warmup}")
-    progress = min(max(float(progress), 0.0), 1.0)
-    if progress < warmup or warmup >= 1.0:
-        return 0.0
-    p = (progress - warmup) / (1.0 - warmup)
+    p = min(max(float(progress), 0.0), 1.0)
     if kind == "constant":
         return float(lambda_max)
     if kind == "linear":

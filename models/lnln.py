@@ -21,8 +21,9 @@ from data_pipeline.presets import MODALITIES
 from data_pipeline.schema import DataSpec
 
 from .config import ModelConfig
+from .entry import ModelEntry
 from .layers import CrossTransformer, Discriminator, TokenEncoder, grad_reverse, grl_coefficient, mlp
-from .registry import ADVERSARIAL_SPACE, OPTIMIZER_SPACE, Dist, ModelEntry, register
+from .space import ADVERSARIAL_SPACE, OPTIMIZER_SPACE, Dist
 
 
 class CompletenessCheck(nn.Module):
@@ -103,54 +104,28 @@ class LNLN(nn.Module):
     # Reference defaults (spec/lnln.md, "Losses"); the trainer weights the terms.
     LOSS_TERMS = {"task": 1.0, "completeness": 0.9, "adversarial": 0.8, "reconstruction": 0.1, "sparsity": 0.0}
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        spec: DataSpec,
-        *,
-        tokens: int = 8,
-        depth: int = 2,
-        fusion_depth: int | None = None,  # None: 2 for MOSI, 4 for MOSEI/SIMS
-        dim_head: int = 64,
-        hyper_dim_head: int | None = None,  # None: hidden // heads, as the reference
-        mlp_dim: int = 128,
-        task_loss: Literal["mse", "l1"] = "mse",
-        grl_kind: Literal["constant", "linear", "dann"] = "constant",
-        lambda_max: float = 1.0,
-        grl_gamma: float = 10.0,
-        adv_warmup: float = 0.0,
-        # "adversarial": only the discriminator sees the reversed H_P (DANN); "shared": the
-        # reversed H_P also feeds the prediction, as the reference code does.
-        grl_placement: Literal["adversarial", "shared"] = "adversarial",
-        fusion_query: Literal["hyper", "language"] = "hyper",
-        detach_reconstruction_target: bool = False,
-        length_buckets: int = 4,
-    ):
+    def __init__(self, cfg: ModelConfig, spec: DataSpec):
         super().__init__()
-        if task_loss not in ("mse", "l1"):
-            raise ValueError(f"unknown task_loss '{task_loss}'; allowed: mse, l1")
-        if grl_placement not in ("adversarial", "shared"):
-            raise ValueError(f"unknown grl_placement '{grl_placement}'; allowed: adversarial, shared")
-        if fusion_query not in ("hyper", "language"):
-            raise ValueError(f"unknown fusion_query '{fusion_query}'; allowed: hyper, language")
-        grl_coefficient(0.0, grl_kind, lambda_max, grl_gamma, adv_warmup)  # validates the schedule
-        d, heads = cfg.hidden_dim, cfg.num_heads
-        if fusion_depth is None:
-            fusion_depth = 4 if spec.name.split("-")[0] in ("mosei", "sims") else 2
-        self.tokens, self.task_loss = tokens, task_loss
-        self.grl_kind, self.lambda_max, self.grl_gamma = grl_kind, lambda_max, grl_gamma
-        self.adv_warmup, self.grl_placement = adv_warmup, grl_placement
-        self.detach_reconstruction_target = detach_reconstruction_target
-        self.force_completeness: float | None = None  # tests / ablations: w fixed to this value
+        opts, adv = cfg.lnln, cfg.adversarial
+        d, heads, tokens = cfg.hidden_dim, cfg.num_heads, opts.tokens
+        fusion_depth = opts.fusion_depth or (4 if spec.name.split("-")[0] in ("mosei", "sims") else 2)
+        self.task_loss = cfg.task_loss
+        # The GRL strength follows model.adversarial; its warm-up (the term's weight at 0 for
+        # the first epochs) is the trainer's.
+        self.grl_schedule = dict(kind=adv.schedule, lambda_max=adv.lambda_max, gamma=adv.gamma)
+        self.grl_placement = opts.grl_placement
+        self.detach_reconstruction_target = opts.detach_reconstruction_target
+        self.fixed_completeness = opts.fixed_completeness
         self._encodings: dict | None = None  # open inside reuse_encodings()
-        block = dict(depth=depth, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim, dropout=cfg.dropout)
+        block = dict(depth=cfg.depth, heads=heads, dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout)
 
         # 1. Embedding: per modality, Linear + Transformer over [T tokens ; sequence] -> H_m (B, T, d).
         self.bert = _load_bert(cfg, spec) if cfg.text_encoder == "bert" else None
         text_dim = self.bert.config.hidden_size if self.bert is not None else spec.text_dim
         dims = {"text": text_dim, "audio": spec.audio_dim, "vision": spec.vision_dim}
         self.embeddings = nn.ModuleDict({
-            m: TokenEncoder(spec.seq_len(m), d, tokens=tokens, d_in=dims[m], length_buckets=length_buckets, **block)
+            m: TokenEncoder(spec.seq_len(m), d, tokens=tokens, d_in=dims[m], length_buckets=opts.length_buckets,
+                            **block)
             for m in MODALITIES
         })
         # 2. Dominant Modality Correction.
@@ -159,26 +134,25 @@ class LNLN(nn.Module):
         self.discriminator = Discriminator(d, 64, 2)
         # 3. Dominant Modality based Multimodal Learning.
         self.language_encoder = TokenEncoder(tokens, d, tokens=0, **block)  # keeps depth + 1 outputs
-        self.hyper_modality = HyperModality(depth + 1, tokens, d, heads, hyper_dim_head or d // heads)
-        self.fusion = Fusion(tokens, d, fusion_depth, heads, dim_head, mlp_dim, cfg.dropout, fusion_query)
+        self.hyper_modality = HyperModality(cfg.depth + 1, tokens, d, heads, opts.hyper_dim_head or d // heads)
+        self.fusion = Fusion(tokens, d, fusion_depth, heads, cfg.dim_head, cfg.mlp_dim, cfg.dropout, opts.fusion_query)
         # 4. Reconstructor (training only): incomplete H_m -> complete H_m.
         self.reconstructor = nn.ModuleDict({m: TokenEncoder(tokens, d, tokens=0, **block) for m in MODALITIES})
 
-    def forward(self, batch: Batch, progress: float = 0.0, force_completeness: float | None = None) -> dict:
+    def forward(self, batch: Batch, progress: float = 0.0) -> dict:
         """Returns prediction (B,), completeness w (B, 1), features H_m, proxy H_P, corrected H_D,
-        hyper_shift (scalar), grl_lambda, adversarial_active; in training mode also
+        hyper_shift (scalar), grl_lambda; in training mode also
         complete_features, reconstructed (dicts of (B, T, d)) and discriminator_logits (2B, T, 2)."""
         training = self.training
         h, h_complete = self._embed(batch, with_complete=training)
         h_l, h_a, h_v = h["text"], h["audio"], h["vision"]  # (B, T, d)
 
         w = self.completeness_check(h_l)  # (B, 1)
-        forced = self.force_completeness if force_completeness is None else force_completeness
-        if forced is not None:
-            w = torch.full_like(w, float(forced))
+        if self.fixed_completeness is not None:
+            w = torch.full_like(w, self.fixed_completeness)
         h_p = self.proxy_generator(torch.cat([h_a, h_v], dim=1))  # (B, T, d)
         w3 = w.unsqueeze(-1)  # (B, 1, 1)
-        lam = grl_coefficient(progress, self.grl_kind, self.lambda_max, self.grl_gamma, self.adv_warmup)
+        lam = grl_coefficient(progress, **self.grl_schedule)
         # H_D = w * H_L + (1 - w) * H_P; H_P enters the adversarial path through the GRL.
         h_d_adv = None
         if training or self.grl_placement == "shared":
@@ -190,8 +164,7 @@ class LNLN(nn.Module):
         prediction = self.fusion(h_hyper, h_d_list[-1])  # (B,)
 
         out = {"prediction": prediction, "completeness": w, "features": h, "proxy": h_p,
-               "corrected": h_d, "hyper_shift": hyper_shift, "grl_lambda": lam,
-               "adversarial_active": progress >= self.adv_warmup}
+               "corrected": h_d, "hyper_shift": hyper_shift, "grl_lambda": lam}
         if training:
             # Effectiveness discriminator: tokens of H_D (label 1) vs complete-input H_L (label 0).
             out["discriminator_inputs"] = torch.cat([h_d_adv, h_complete["text"]])  # (2B, T, d)
@@ -272,10 +245,9 @@ class LNLN(nn.Module):
         target = torch.cat([torch.ones(half, dtype=torch.long), torch.zeros(half, dtype=torch.long)])
         return F.cross_entropy(logits.flatten(0, 1), target.to(logits.device))
 
-    def losses(self, outputs: dict, batch: Batch, weights: dict[str, float] | None = None,
-               progress: float = 0.0) -> dict[str, torch.Tensor]:
-        """The unweighted terms named in LOSS_TERMS (scalars). `weights` is unused: the trainer
-        weights the terms. Outside training mode the adversarial and reconstruction terms are 0."""
+    def losses(self, outputs: dict, batch: Batch, progress: float = 0.0) -> dict[str, torch.Tensor]:
+        """The unweighted terms named in LOSS_TERMS (scalars); the trainer weights them. Outside
+        training mode the adversarial and reconstruction terms are 0."""
         pred = outputs["prediction"]
         label = batch.label.to(pred.dtype)
         task = F.mse_loss(pred, label) if self.task_loss == "mse" else F.l1_loss(pred, label)
@@ -285,8 +257,6 @@ class LNLN(nn.Module):
         logits = outputs.get("discriminator_logits")
         if logits is not None:
             adversarial = self._discriminator_ce(logits)
-            if progress < self.adv_warmup:  # adversarial warm-up: beta is effectively 0
-                adversarial = adversarial * 0.0
             # The reference regresses onto complete features that keep their gradient (the
             # embeddings also move towards what the reconstructor predicts); the option detaches.
             terms = []
@@ -307,9 +277,7 @@ def _load_bert(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     if not spec.has_text_bert:
         raise ValueError(f"text_encoder 'bert' needs BERT token ids, which dataset '{spec.name}' lacks; "
                          "use model.text_encoder: features")
-    if not cfg.bert_path or not Path(cfg.bert_path).is_dir():
-        raise ValueError(f"text_encoder 'bert' needs model.bert_path to name a local directory of BERT "
-                         f"weights (got '{cfg.bert_path}'); weights are never downloaded at run time")
+    check_config(cfg)
     try:
         from transformers import BertModel
     except ImportError:
@@ -318,18 +286,16 @@ def _load_bert(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     return BertModel.from_pretrained(cfg.bert_path, local_files_only=True)
 
 
-def build_lnln(cfg: ModelConfig, spec: DataSpec) -> LNLN:
-    adv = cfg.adversarial
-    # Adversarial warm-up is applied by the trainer (the term's weight is 0 for
-    # adv.warmup_epochs epochs), so the model's own progress-based warm-up stays off.
-    return LNLN(cfg, spec, tokens=cfg.tokens, depth=cfg.depth, fusion_depth=cfg.fusion_depth,
-                dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim, task_loss=cfg.task_loss, grl_kind=adv.schedule,
-                lambda_max=adv.lambda_max, grl_gamma=adv.gamma)
+def check_config(cfg: ModelConfig) -> None:
+    """What can be checked before any data is read (the model is built later, inside trials)."""
+    if cfg.text_encoder == "bert" and not (cfg.bert_path and Path(cfg.bert_path).is_dir()):
+        raise ValueError(f"model.bert_path: text_encoder 'bert' needs a local directory of BERT weights "
+                         f"(got '{cfg.bert_path}'); weights are never downloaded at run time")
 
 
-register(ModelEntry(
+ENTRY = ModelEntry(
     name="lnln",
-    builder=build_lnln,
+    builder=LNLN,
     loss_terms=dict(LNLN.LOSS_TERMS),
     search_space={
         "model.loss_weights.completeness": Dist("uniform", 0.0, 1.5),
@@ -340,7 +306,6 @@ register(ModelEntry(
         **OPTIMIZER_SPACE,
     },
     adversarial_terms=("adversarial",),
-    selection_metric="robust_f1",
     rows_independent=True,  # task/completeness/reconstruction MSE, discriminator CE, sparsity: row means
-    description="Language-dominated Noise-resistant Learning Network (Zhang et al., NeurIPS 2024)",
-))
+    check_config=check_config,
+)

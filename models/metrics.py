@@ -156,16 +156,9 @@ def msa_metrics(preds: Any, labels: Any, dataset: str = "mosi") -> dict[str, flo
     return msa_metrics_grouped(x[None, :], y, dataset)[0]
 
 
-def _metric_by_pattern(rows_or_mapping: Any, patterns: Iterable[Any] | None, metric: str) -> np.ndarray:
-    if isinstance(rows_or_mapping, Mapping):
-        table = {str(k): v for k, v in rows_or_mapping.items()}
-    else:  # rows with .pattern and .metrics, e.g. search.evaluate.PatternResult
-        table = {}
-        for row in rows_or_mapping:
-            name = str(row.pattern)
-            if name in table:
-                raise ValueError(f"pattern {name!r} appears twice in the evaluation rows")
-            table[name] = row.metrics
+def _metric_by_pattern(by_pattern: Mapping[Any, Mapping[str, float]], patterns: Iterable[Any] | None,
+                       metric: str) -> np.ndarray:
+    table = {str(k): v for k, v in by_pattern.items()}
     if isinstance(patterns, str):
         patterns = [patterns]
     wanted = list(table) if patterns is None else [str(p) for p in patterns]
@@ -177,18 +170,17 @@ def _metric_by_pattern(rows_or_mapping: Any, patterns: Iterable[Any] | None, met
     return np.array([float(table[p][metric]) for p in wanted], dtype=np.float64)
 
 
-def robust_f1(rows_or_mapping: Mapping[Any, Mapping[str, float]] | Iterable[Any],
-              patterns: Iterable[Any] | None = None, *, metric: str = "f1_non0") -> float:
-    """Mean of `metric` over `patterns` (all evaluated patterns when None).
-
-    Accepts {pattern name: metrics} or rows with `.pattern` and `.metrics`. KeyError names a
-    requested pattern that was not evaluated. NaN is propagated, never skipped: a NaN metric
-    means a broken evaluation and must not be averaged away.
+def robust_f1(by_pattern: Mapping[Any, Mapping[str, float]], patterns: Iterable[Any] | None = None, *,
+              metric: str = "f1_non0") -> float:
+    """Mean of `metric` over `patterns` (all evaluated patterns when None) of a
+    {pattern name: metrics} mapping. KeyError names a requested pattern that was not
+    evaluated. NaN is propagated, never skipped: a NaN metric means a broken evaluation and
+    must not be averaged away.
     """
-    return float(np.mean(_metric_by_pattern(rows_or_mapping, patterns, metric)))
+    return float(np.mean(_metric_by_pattern(by_pattern, patterns, metric)))
 
 
-def worst_f1(rows_or_mapping: Mapping[Any, Mapping[str, float]] | Iterable[Any],
-             patterns: Iterable[Any] | None = None, *, metric: str = "f1_non0") -> float:
+def worst_f1(by_pattern: Mapping[Any, Mapping[str, float]], patterns: Iterable[Any] | None = None, *,
+             metric: str = "f1_non0") -> float:
     """Minimum of `metric` over `patterns`; same inputs, errors and NaN rule as `robust_f1`."""
-    return float(np.min(_metric_by_pattern(rows_or_mapping, patterns, metric)))  # np.min propagates NaN
+    return float(np.min(_metric_by_pattern(by_pattern, patterns, metric)))  # np.min propagates NaN

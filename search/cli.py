@@ -140,7 +140,7 @@ def train(
 
     state, out = train_in_process(cfg, console=err_console)
     console.print(f"done: {out} (config.yaml, results/, checkpoints/); "
-                  f"last epoch valid robust_f1 {state.history[-1].objective:.4f}")
+                  f"last epoch valid {cfg.search.objective} {state.history[-1].objective:.4f}")
 
 
 @app.command("tune")
@@ -150,30 +150,36 @@ def tune_cmd(
     resume: Path = typer.Option(None, "--resume", help="Continue this interrupted experiment."),
     address: str = ADDRESS_OPTION,
 ) -> None:
-    """Search loss weights and adversarial schedules with Ray Tune + Optuna (the main job)."""
+    """Search loss weights and adversarial schedules with Ray Tune + Optuna (the main job).
+
+    Exits non-zero when no trial completed (the first failure's reason is on stderr)."""
     from .config import load_config
     from .tune import run_experiment
 
     cfg = None if resume is not None else load_config(config, set_)
-    exp = run_experiment(cfg, resume_dir=resume, console=err_console, ray_address=address)
-    _print_status(exp)
-    console.print(f"experiment: {exp} (config.yaml, optuna.db, results/, ray/); "
-                  f"next: msa-search export {exp} --out {exp}/best.yaml")
+    outcome = run_experiment(cfg, resume_dir=resume, ray_address=address)
+    counts = ", ".join(f"{n} {state}" for state, n in outcome.trials.items() if n) or "none"
+    console.print(f"trials: {counts}")
+    if not outcome.any_completed:
+        raise MsaSearchError(f"no trial completed ({counts}); first failure: {outcome.first_failure or 'unknown'}; "
+                             f"details in {outcome.exp_dir}")
+    _print_status(outcome.exp_dir)
+    console.print(f"experiment: {outcome.exp_dir} (config.yaml, optuna.db, results/, ray/); "
+                  f"next: msa-search export {outcome.exp_dir} --out {outcome.exp_dir}/best.yaml")
 
 
 def _print_status(exp: Path) -> None:
     from rich.table import Table
 
-    from .config import HELD_OUT_PATTERNS
     from .export import load_experiment, score_trials, trial_states
+    from .objective import HELD_OUT_PATTERNS
 
-    exp, cfg, df = load_experiment(exp)
-    states = trial_states(exp)
-    console.print("trials: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none yet"))
+    layout, cfg, df = load_experiment(exp)
+    states = trial_states(layout)
+    console.print("study: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no trials yet"))
     if df.empty:
         return
-    scores = score_trials(exp, cfg, df)
-    best = scores[0]
+    best = score_trials(layout, cfg, df)[0]
     console.print(f"best so far: trial {best.trial_id} epoch {best.epoch} "
                   f"{cfg.search.objective} (valid) {best.objective:.4f}")
     rows = df[(df.trial_id == best.trial_id) & (df.epoch == best.epoch)]
@@ -216,13 +222,17 @@ def export_cmd(
 
 def main() -> None:
     # Standalone mode: click itself reports usage errors (exit 2); our errors propagate here.
+    # A config refused at the edge exits 2 as well (nothing was started or written); any
+    # other failure exits 1.
+    from .config import ConfigError
+
     try:
         app()
     except (MsaSearchError, ValueError, FileNotFoundError, PermissionError) as exc:
         if _state["debug"]:
             raise
         err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
 
 
 if __name__ == "__main__":

@@ -5,24 +5,29 @@ Errors name the key path and what is allowed.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from data_pipeline.config import DataConfig, MissingConfig
 from data_pipeline.errors import MsaSearchError
-from data_pipeline.missing import default_eval_grid, parse_pattern
-from models.metrics import SIMS_METRIC_NAMES
+from data_pipeline.missing import parse_pattern
 from models.config import ModelConfig
+from models.metrics import SIMS_METRIC_NAMES, metric_names
+from models.registry import get_model
+from models.space import Dist
 
-# Patterns held out of the search objective: the report shows whether the search overfit.
-HELD_OUT_PATTERNS = ("intra:0.9", "inter:L+V")
+from .objective import check_objective, default_objective_patterns, objective_mode
+
+# Validation context of a trial's config: its experiment's search space was checked already.
+TRIAL_CONTEXT = {"trial": True}
 
 
 class ConfigError(MsaSearchError):
-    pass
+    """A config the CLI refuses before anything starts (exit code 2)."""
 
 
 class TrainConfig(BaseModel):
@@ -60,9 +65,10 @@ class SearchConfig(BaseModel):
 
     num_samples: int = Field(8, ge=1)
     max_concurrent: int = Field(2, ge=1)
+    # search/objective.py: robust_f1, worst_f1, <metric> or <metric>@<pattern>, on the valid split.
     objective: str = "robust_f1"
-    objective_patterns: list[str] = Field(
-        default_factory=lambda: [p for p in default_eval_grid() if p not in HELD_OUT_PATTERNS])
+    # None: missing.eval_grid minus the held-out patterns (filled in when the config is validated).
+    objective_patterns: list[str] | None = None
     # Multi-objective search (>= 2 names, same syntax as `objective`, e.g. [f1_non0@intra:0.0,
     # robust_f1]): Optuna optimizes all, export writes the Pareto front; needs scheduler none.
     objectives: list[str] = Field(default_factory=list)
@@ -81,46 +87,21 @@ class SearchConfig(BaseModel):
     # Overrides of the model's registry search space, e.g. {"train.lr": {"loguniform": [1e-5, 1e-3]}}.
     space: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("objective")
-    @classmethod
-    def _objective(cls, name: str) -> str:
-        if name in ("robust_f1", "worst_f1"):
-            return name
-        metric, _, pattern = name.partition("@")
-        if metric not in SIMS_METRIC_NAMES:
-            raise ValueError(f"unknown objective '{name}'; allowed: robust_f1, worst_f1, a metric "
-                             f"({', '.join(SIMS_METRIC_NAMES)}) or <metric>@<pattern>, e.g. f1_non0@intra:0.0")
-        if pattern:
-            parse_pattern(pattern)
-        return name
-
     @field_validator("objectives")
     @classmethod
     def _objectives(cls, names: list[str]) -> list[str]:
         if len(names) == 1:
             raise ValueError("give two or more objectives for a multi-objective search (or use search.objective)")
-        return [cls._objective(n) for n in names]
-
-    @model_validator(mode="after")
-    def _multi_objective_scheduler(self):
-        if self.objectives and self.scheduler != "none":
-            raise ValueError("a multi-objective search (search.objectives) needs search.scheduler: none; "
-                             "ASHA and PBT rank trials by one metric")
-        return self
+        return names
 
     @field_validator("objective_patterns")
     @classmethod
-    def _patterns(cls, patterns: list[str]) -> list[str]:
-        return [parse_pattern(p).name for p in patterns]
+    def _patterns(cls, patterns: list[str] | None) -> list[str] | None:
+        return None if patterns is None else [parse_pattern(p).name for p in patterns]
 
     @property
     def mode(self) -> str:
-        """Lower is better only for the error metric."""
         return objective_mode(self.objective)
-
-
-def objective_mode(name: str) -> str:
-    return "min" if name.partition("@")[0] == "mae" else "max"
 
 
 class OutputConfig(BaseModel):
@@ -138,6 +119,106 @@ class ExperimentConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    # The checks that span sections or need the model's registry entry. Each raises one line:
+    # "config key '<key>': <what is wrong> (got <value>); <what is allowed>".
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> "ExperimentConfig":
+        try:
+            entry = get_model(self.model.name)
+        except ValueError as exc:
+            raise ValueError(f"config key 'model.name': {exc}") from None
+        unknown = entry.unknown_loss_terms(self.model.loss_weights)
+        if unknown:
+            raise ValueError(f"config key 'model.loss_weights.{unknown[0]}': not a loss term of model "
+                             f"'{entry.name}' (got {unknown[0]}={self.model.loss_weights[unknown[0]]}); "
+                             f"its terms are {', '.join(entry.loss_terms)}")
+        if entry.check_config is not None:
+            try:
+                entry.check_config(self.model)
+            except ValueError as exc:  # "model.<key>: <problem>"
+                key, _, problem = str(exc).partition(": ")
+                raise ValueError(f"config key '{key}': {problem}") from None
+        self._check_objectives()
+        self._check_distributed()
+        if not (info.context or {}).get("trial"):
+            space = self.search_space()
+            if self.search.scheduler == "pbt" and not any(k.startswith("model.loss_weights.")
+                                                          or k == "model.adversarial.lambda_max" for k in space):
+                raise ValueError("config key 'search.scheduler': pbt mutates loss weights and "
+                                 "model.adversarial.lambda_max, and the search space has neither")
+        return self
+
+    def _check_objectives(self) -> None:
+        grid, search = self.missing.eval_grid, self.search
+        if search.objective_patterns is None:
+            search.objective_patterns = default_objective_patterns(grid)
+        outside = [p for p in search.objective_patterns if p not in grid]
+        if outside:
+            raise ValueError(f"config key 'search.objective_patterns': {', '.join(outside)} not in "
+                             f"missing.eval_grid ({', '.join(grid)})")
+        if not search.objective_patterns:
+            raise ValueError("config key 'search.objective_patterns': needs at least one pattern")
+        # The metrics of the dataset: SIMS adds acc3 (a given data.path may hold either family).
+        metrics = SIMS_METRIC_NAMES if self.data.path else metric_names(self.data.preset)
+        if search.objectives and search.scheduler != "none":
+            raise ValueError(f"config key 'search.scheduler': a multi-objective search (search.objectives) needs "
+                             f"none (got {search.scheduler}); ASHA and PBT rank trials by one metric")
+        for key, names in (("search.objective", [search.objective]), ("search.objectives", search.objectives)):
+            for name in names:
+                try:
+                    check_objective(name, metrics, grid)
+                except ValueError as exc:
+                    raise ValueError(f"config key '{key}': {exc}") from None
+
+    def _check_distributed(self) -> None:
+        """What Ray Train workers (train.workers >= 1) cannot do, said before anything starts."""
+        train = self.train
+        if train.workers == 0:
+            return
+        if train.precision != "fp32" and train.engine == "ddp":
+            raise ValueError(f"config key 'train.precision': {train.precision} needs train.engine: deepspeed; "
+                             "the ddp engine trains in fp32")
+        if train.zero_stage and train.engine == "ddp":
+            raise ValueError(f"config key 'train.zero_stage': ZeRO needs train.engine: deepspeed "
+                             f"(got {train.zero_stage} with ddp)")
+        if self.model.adversarial.disc_steps > 1:
+            raise ValueError("config key 'model.adversarial.disc_steps': > 1 is supported in-process only "
+                             "(train.workers: 0): extra discriminator steps bypass the distributed engine's "
+                             f"gradient sync (got {self.model.adversarial.disc_steps})")
+
+    def search_space(self) -> dict[str, Dist]:
+        """The model's registry space with the `search.space` overrides. Every dimension is
+        checked by building the trial configs at its bounds (each end of a range, every choice)."""
+        entry = get_model(self.model.name)
+        space = dict(entry.search_space)
+        if self.train.workers >= 1:
+            # Extra discriminator steps exist only in-process (distributed engines sync gradients
+            # through their own step); a distributed search keeps the default of 1.
+            space.pop("model.adversarial.disc_steps", None)
+        for key, raw in self.search.space.items():
+            try:
+                space[key] = Dist.parse(raw)
+            except ValueError as exc:
+                raise ValueError(f"config key 'search.space.{key}': {exc}") from None
+        for key, dist in space.items():
+            if key.startswith("model.loss_weights.") and key.split(".", 2)[2] not in entry.loss_terms:
+                raise ValueError(f"config key 'search.space.{key}': '{key.split('.', 2)[2]}' is not a loss term "
+                                 f"of model '{entry.name}'; its terms are {', '.join(entry.loss_terms)}")
+            for value in dist.samples():
+                try:
+                    self.with_params({key: value})
+                except ConfigError as exc:
+                    raise ValueError(f"config key 'search.space.{key}': value {value!r} is not a valid config "
+                                     f"value ({str(exc).removeprefix('trial config: ')})") from None
+        return space
+
+    def with_params(self, params: Mapping[str, Any]) -> "ExperimentConfig":
+        """This config with each dotted key of `params` set: a trial's config."""
+        raw = self.model_dump(mode="json")
+        for key, value in params.items():
+            set_dotted(raw, key, value)
+        return validate_config(raw, "trial config", context=TRIAL_CONTEXT)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -158,6 +239,8 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
 def _describe(error: dict) -> str:
     loc = tuple(error["loc"])
     path = ".".join(str(p) for p in loc)
+    if not loc:  # ExperimentConfig's own checks: their message names the key
+        return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         owner = _section_model(loc)
         allowed = ", ".join(owner.model_fields) if owner else "see the docs"
@@ -169,12 +252,24 @@ def _describe(error: dict) -> str:
     return f"config key '{path}': {message} (got {got!r})"
 
 
-def validate_config(raw: dict, source: str = "config") -> ExperimentConfig:
+def validate_config(raw: dict, source: str = "config", context: dict | None = None) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(raw, context=context)
     except ValidationError as exc:
         problems = [_describe(e) for e in exc.errors()]
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """raw[a][b][c] = value for key "a.b.c", creating sections on the way."""
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def apply_override(raw: dict, assignment: str) -> None:
@@ -182,17 +277,14 @@ def apply_override(raw: dict, assignment: str) -> None:
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set '{assignment}': expected key=value, e.g. train.epochs=5")
-    parts = key.strip().split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set '{assignment}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
-        node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set '{assignment}': value is not valid YAML ({exc.problem})") from None
+    try:
+        set_dotted(raw, key.strip(), parsed)
+    except ConfigError as exc:
+        raise ConfigError(f"--set '{assignment}': {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

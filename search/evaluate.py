@@ -22,10 +22,8 @@ from models.metrics import msa_metrics_grouped
 from .row_parallel import parallel_map
 
 
-@dataclass
-class PatternResult:
-    pattern: Pattern
-    metrics: dict[str, float]
+# One split's evaluation: pattern name -> metric name -> value, in grid order.
+PatternMetrics = dict[str, dict[str, float]]
 
 
 def metrics_family(dataset_name: str) -> str:
@@ -113,13 +111,14 @@ def scatter_rows(n: int, preds: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def metrics_rows(preds: np.ndarray, data: SplitTensors, patterns: list[Pattern]) -> list[PatternResult]:
+def pattern_metrics(preds: np.ndarray, data: SplitTensors, patterns: list[Pattern]) -> PatternMetrics:
+    """The metrics of (P, N) whole-split predictions, one entry per pattern."""
     rows = msa_metrics_grouped(preds, data.labels.numpy(), metrics_family(data.spec.name))
-    return [PatternResult(p, m) for p, m in zip(patterns, rows)]
+    return {p.name: m for p, m in zip(patterns, rows)}
 
 
 def evaluate_patterns(model: nn.Module, data: SplitTensors, patterns: list[Pattern], *, seed: int,
-                      batch_size: int = 256, device: torch.device | str = "cpu", streams: int = 1) -> list[PatternResult]:
-    """One metrics row per pattern, in the order of `patterns`. `seed` is the mask seed."""
+                      batch_size: int = 256, device: torch.device | str = "cpu", streams: int = 1) -> PatternMetrics:
+    """The metrics of every pattern, in the order of `patterns`. `seed` is the mask seed."""
     shard = predict_patterns(model, data, patterns, seed=seed, batch_size=batch_size, device=device, streams=streams)
-    return metrics_rows(scatter_rows(len(data), shard.preds, shard.rows), data, patterns)
+    return pattern_metrics(scatter_rows(len(data), shard.preds, shard.rows), data, patterns)

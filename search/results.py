@@ -1,13 +1,18 @@
-"""The Parquet results store (DESIGN.md): one row per (trial_id, epoch, split, pattern).
+"""What an epoch produces, how runs report it, and the Parquet results store (DESIGN.md).
 
-Each (trial, epoch) is one part file written atomically under a name derived from its key,
-so rows are appended as they arrive and a repeated epoch (after a resume) replaces its own
-part instead of duplicating rows.
+Every path writes rows the same way: the in-process run, the Ray Train callback (from rank
+0's report) and the Tune callback (from a trial's report) all call `ResultsStore.append`
+with a split -> pattern -> metrics mapping; the pattern columns are derived here, once.
+The store holds one row per (trial_id, epoch, split, pattern). Each (trial, epoch) is one
+part file written atomically under a name derived from its key, so rows are appended as
+they arrive and a repeated epoch (after a resume) replaces its own part instead of
+duplicating rows.
 """
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +23,43 @@ import pyarrow.parquet as pq
 from data_pipeline.atomic import atomic_file
 from data_pipeline.missing import MODALITY_LETTERS, parse_pattern
 
-from .evaluate import PatternResult
+from .config import ExperimentConfig, SearchConfig
+from .evaluate import PatternMetrics
+from .objective import OBJECTIVE, objective_value
 
 KEY_COLUMNS = ("trial_id", "epoch", "split", "pattern")
+
+EpochResults = dict[str, PatternMetrics]  # split -> pattern name -> metric -> value
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    losses: dict[str, float]  # mean unweighted term values over the epoch, plus "total"
+    results: EpochResults  # valid and test
+    objective: float  # search.objective on valid over search.objective_patterns
+    train_time_s: float
+    eval_time_s: float
+
+
+def epoch_metrics(report: EpochReport, search: SearchConfig) -> dict[str, Any]:
+    """What a run reports each epoch (to Ray Train or Tune): the objective(s), robust_f1,
+    the losses, and every per-pattern result as one JSON string (Tune's own loggers then
+    keep one column for them)."""
+    valid = report.results["valid"]
+    return {
+        OBJECTIVE: report.objective, "epoch": report.epoch,
+        "robust_f1": objective_value(valid, "robust_f1", search.objective_patterns),
+        **{f"{OBJECTIVE}/{n}": objective_value(valid, n, search.objective_patterns) for n in search.objectives},
+        "f1_non0_complete": valid.get("intra:0.0", {}).get("f1_non0", float("nan")),
+        **{f"loss/{k}": v for k, v in report.losses.items()},
+        "rows": json.dumps(report.results),
+    }
+
+
+def reported_results(metrics: dict[str, Any]) -> EpochResults:
+    """The per-split pattern metrics inside reported `epoch_metrics`."""
+    return json.loads(metrics["rows"])
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -36,45 +75,32 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def result_rows(*, experiment: str, trial_id: str, model: str, epoch: int, split: str,
-                results: list[PatternResult], wall_time_s: float, hparams: dict[str, Any]) -> list[dict]:
-    rows = []
-    for r in results:
-        p = r.pattern
-        rows.append({
-            "experiment": experiment, "trial_id": trial_id, "model": model, "epoch": epoch, "split": split,
-            "pattern": p.name, "pattern_kind": p.kind,
+@dataclass(frozen=True)
+class RunInfo:
+    """What every row of one run or trial shares."""
+
+    experiment: str
+    trial_id: str
+    model: str
+    hparams: dict[str, Any]  # the flattened config, as hp.<dotted key> columns
+
+    @classmethod
+    def of(cls, experiment: str, trial_id: str, cfg: ExperimentConfig) -> "RunInfo":
+        return cls(experiment, trial_id, cfg.model.name, flatten(cfg.model_dump(mode="json")))
+
+
+def _pattern_columns(name: str) -> dict[str, Any]:
+    p = parse_pattern(name)
+    return {"pattern": p.name, "pattern_kind": p.kind,
             "missing_rate": p.rate if p.kind == "intra" else None,
-            "dropped": "+".join(MODALITY_LETTERS[m] for m in p.dropped) if p.kind == "inter" else None,
-            **{k: float(v) for k, v in r.metrics.items()},
-            "wall_time_s": float(wall_time_s),
-            **{f"hp.{k}": v for k, v in hparams.items()},
-        })
-    return rows
+            "dropped": "+".join(MODALITY_LETTERS[m] for m in p.dropped) if p.kind == "inter" else None}
 
 
-OBJECTIVE = "objective"
-
-
-def epoch_metrics(report, objectives: dict[str, float] | None = None) -> dict[str, Any]:
-    """What a run reports each epoch (to Ray Train or Tune): the objective, losses and every
-    per-pattern row as one JSON string (Tune's own loggers then keep one column for them)."""
-    valid = {r.pattern.name: r.metrics for r in report.results["valid"]}
-    return {
-        OBJECTIVE: report.objective, "robust_f1": report.objective, "epoch": report.epoch,
-        **{f"{OBJECTIVE}/{k}": v for k, v in (objectives or {}).items()},
-        "f1_non0_complete": valid.get("intra:0.0", {}).get("f1_non0", float("nan")),
-        **{f"loss/{k}": v for k, v in report.losses.items()},
-        "rows": json.dumps({split: [{"pattern": r.pattern.name, **r.metrics} for r in rows]
-                            for split, rows in report.results.items()}),
-    }
-
-
-def reported_results(metrics: dict[str, Any]) -> dict[str, list[PatternResult]]:
-    """The per-split pattern results inside reported `epoch_metrics`."""
-    return {split: [PatternResult(parse_pattern(e["pattern"]), {k: v for k, v in e.items() if k != "pattern"})
-                    for e in entries]
-            for split, entries in json.loads(metrics["rows"]).items()}
+def result_rows(run: RunInfo, epoch: int, results: EpochResults, wall_time_s: float) -> list[dict]:
+    return [{"experiment": run.experiment, "trial_id": run.trial_id, "model": run.model, "epoch": epoch,
+             "split": split, **_pattern_columns(pattern), **{k: float(v) for k, v in metrics.items()},
+             "wall_time_s": float(wall_time_s), **{f"hp.{k}": v for k, v in run.hparams.items()}}
+            for split, by_pattern in results.items() for pattern, metrics in by_pattern.items()]
 
 
 class ResultsStore:
@@ -85,23 +111,14 @@ class ResultsStore:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", trial_id)
         return self.root / f"part-{safe}-epoch{epoch:05d}.parquet"
 
-    def write_report(self, metrics: dict[str, Any], *, experiment: str, trial_id: str, model: str,
-                     wall_time_s: float, hparams: dict[str, Any]) -> Path:
-        """Store one reported epoch (`epoch_metrics`) of a run or trial."""
-        epoch = int(metrics["epoch"])
-        rows = [row for split, results in reported_results(metrics).items()
-                for row in result_rows(experiment=experiment, trial_id=trial_id, model=model, epoch=epoch,
-                                       split=split, results=results, wall_time_s=wall_time_s, hparams=hparams)]
-        return self.write_epoch(trial_id, epoch, rows)
-
-    def write_epoch(self, trial_id: str, epoch: int, rows: list[dict]) -> Path:
+    def append(self, run: RunInfo, epoch: int, results: EpochResults, wall_time_s: float) -> Path:
         """Write all rows of one (trial, epoch); replaces that epoch's part if it exists."""
+        rows = result_rows(run, epoch, results, wall_time_s)
         if not rows:
-            raise ValueError("no rows to write")
-        path = self._part(trial_id, epoch)
-        table = pa.Table.from_pylist(rows)
+            raise ValueError(f"trial {run.trial_id} epoch {epoch}: no results to write")
+        path = self._part(run.trial_id, epoch)
         with atomic_file(path, force=True) as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
         return path
 
     def read(self) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from torch import nn
 
 from data_pipeline.errors import MsaSearchError
 from data_pipeline.loader import Batch
-from models.registry import ModelEntry
+from models.entry import ModelEntry
 
 from .config import ExperimentConfig
 

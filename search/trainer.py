@@ -1,12 +1,12 @@
-"""The model-agnostic training loop: AdamW, warm-up + cosine, clipping, per-epoch evaluation.
+"""The model-agnostic training loop: one epoch of forward, weighted loss terms and the
+optimizer step (search/optim.py), then evaluation of valid and test on every pattern.
 
 It knows a model only through its registry entry (builder, loss terms, adversarial terms)
-and the module interface `forward(batch, progress)` / `losses(outputs, batch, weights,
-progress)`. The in-process `msa-search train` and the distributed workers both run it.
+and the module interface `forward(batch, progress)` / `losses(outputs, batch, progress)`.
+The in-process run, Tune trials and the Ray Train workers all run `train_epoch`.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -19,26 +19,19 @@ from torch import nn
 
 from data_pipeline.errors import MsaSearchError
 from data_pipeline.loader import SplitTensors, batch_rows, make_batch
-from models.metrics import robust_f1, worst_f1
-from models.registry import ModelEntry, get_model
+from models.entry import ModelEntry
+from models.registry import get_model
 
 from .config import ExperimentConfig
-from .evaluate import PatternResult, evaluate_patterns
+from .evaluate import evaluate_patterns
+from .objective import objective_value
+from .optim import DeepSpeedStep, OptimizerStep, build_lr_schedule, build_optimizer, closes_group
+from .results import EpochReport, EpochResults
 from .row_parallel import eval_streams, resolve_chunks, row_parallel_backward
 
 
 class TrainingDiverged(MsaSearchError):
     """The loss became NaN/Inf: the trial ends with this reason; a search goes on."""
-
-
-@dataclass
-class EpochReport:
-    epoch: int
-    losses: dict[str, float]  # mean unweighted term values over the epoch, plus "total"
-    results: dict[str, list[PatternResult]]  # split -> one row per pattern
-    objective: float  # robust_f1 on valid over the objective patterns
-    train_time_s: float
-    eval_time_s: float
 
 
 @dataclass
@@ -72,38 +65,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the base lr, then cosine decay to 0 (LNLN's reference schedule)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        rest = max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / rest)))
-    return factor
-
-
-def steps_per_epoch(n_train: int, cfg: ExperimentConfig, world_size: int = 1) -> int:
-    return len(batch_rows(n_train, cfg.train.batch_size, shuffle=False, seed=0, epoch=0,
-                          rank=0, world_size=world_size))
-
-
 def build_state(cfg: ExperimentConfig, train: SplitTensors, device: torch.device, world_size: int = 1) -> TrainState:
     seed_everything(cfg.train.seed)
     entry = get_model(cfg.model.name)
     weights = entry.loss_weights(cfg.model.loss_weights)
     model = entry.build(cfg.model, train.spec).to(device)
-    # fused: one kernel per parameter doing the whole AdamW update (CPU and CUDA), the same
-    # arithmetic. Measured on CPU: 3.5x faster than foreach=True (whose CPU path is a slow
-    # per-tensor fallback) and 2.6x faster than the default loop; ~3% of an LNLN step.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=True)
-    per_epoch = -(-steps_per_epoch(len(train), cfg, world_size) // cfg.train.grad_accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.train.warmup_epochs * per_epoch, cfg.train.epochs * per_epoch))
+    optimizer = build_optimizer(model.parameters(), cfg)
+    scheduler = build_lr_schedule(optimizer, cfg, len(train), world_size)
     disc_optimizer = None
     if cfg.model.adversarial.disc_steps > 1 and hasattr(model, "discriminator_loss"):
-        disc_optimizer = torch.optim.AdamW(model.discriminator_parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay, fused=True)
+        disc_optimizer = build_optimizer(model.discriminator_parameters(), cfg)
     return TrainState(model, optimizer, scheduler, entry, weights, disc_optimizer)
 
 
@@ -133,48 +104,41 @@ def epoch_weights(state: TrainState, cfg: ExperimentConfig, epoch: int) -> dict[
 
 def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, device: torch.device, *,
                 rank: int = 0, world_size: int = 1, on_step: Callable[[int, int, dict], None] | None = None,
-                step_fn: Callable[[torch.Tensor], None] | None = None,
-                dtype: torch.dtype | None = None) -> dict[str, float]:
+                step: OptimizerStep | DeepSpeedStep | None = None, dtype: torch.dtype | None = None) -> dict[str, float]:
     """One epoch over this rank's shard. Returns the mean of each loss term and of the total.
 
-    `step_fn(total_loss)` replaces backward/clip/step (the DeepSpeed engine does its own);
-    `dtype` casts the batch's floating tensors (bf16 engines hold bf16 weights).
+    `step` is the optimizer step (search/optim.py; default: the in-process one); `dtype`
+    casts the batch's floating tensors (bf16 engines hold bf16 weights).
     """
     epoch, model = state.epoch, state.model
     core = unwrap(model)  # the model's own methods (losses); wrappers only run forward
+    # Ray Train workers pass their step: DDP and DeepSpeed need their own backward(), while
+    # in-process CPU training may split each batch into row chunks that run in parallel.
+    chunks = resolve_chunks(cfg, state.entry, device, distributed=step is not None or core is not model)
+    step = step or OptimizerStep(model, state.optimizer, state.scheduler, cfg)
     model.train()
     weights = epoch_weights(state, cfg, epoch)
     training_missing = cfg.missing.training()
     batches = batch_rows(len(train), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, epoch=epoch,
                          rank=rank, world_size=world_size)
-    # DDP / DeepSpeed (a wrapper or a step_fn) need their own backward(); in-process CPU
-    # training may split each batch into row chunks that run in parallel.
-    distributed = step_fn is not None or core is not model
-    chunks = resolve_chunks(cfg, state.entry, device, distributed=distributed)
     sums: dict[str, float] = {}
-    for step, rows in enumerate(batches):
+    for i, rows in enumerate(batches):
+        closes = closes_group(i, len(batches), cfg.train.grad_accum)
+        step.begin(closes)
         batch = make_batch(train, rows, training_missing, seed=cfg.missing.seed, epoch=epoch).to(device, dtype=dtype)
-        progress = (epoch + step / len(batches)) / cfg.train.epochs
+        progress = (epoch + i / len(batches)) / cfg.train.epochs
         outputs, terms, total = forward_backward(model, core, batch, weights, progress, chunks=chunks,
-                                                 scale=None if step_fn else 1.0 / cfg.train.grad_accum,
-                                                 inject_nan=cfg.train.inject_nan)
+                                                 scale=step.loss_scale, inject_nan=cfg.train.inject_nan)
         if not torch.isfinite(total):  # before any optimizer step
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            raise TrainingDiverged(f"loss is {total.item()} at epoch {epoch} step {step} ({detail})")
-        if step_fn is not None:
-            step_fn(total)
-        elif (step + 1) % cfg.train.grad_accum == 0 or step + 1 == len(batches):
-            if cfg.train.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            state.optimizer.step()
-            state.optimizer.zero_grad(set_to_none=True)
-            state.scheduler.step()
+            raise TrainingDiverged(f"loss is {total.item()} at epoch {epoch} step {i} ({detail})")
+        step(total, closes)
         extra_discriminator_steps(state, cfg, outputs)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         sums["total"] = sums.get("total", 0.0) + float(total.detach())
         if on_step is not None:
-            on_step(step + 1, len(batches), {k: v / (step + 1) for k, v in sums.items()})
+            on_step(i + 1, len(batches), {k: v / (i + 1) for k, v in sums.items()})
     return {k: v / len(batches) for k, v in sums.items()}
 
 
@@ -187,7 +151,7 @@ def forward_backward(model: nn.Module, core: nn.Module, batch, weights: dict[str
     which no single chunk has, are None."""
     def batch_loss(part) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor]:
         outputs = model(part, progress=progress)
-        terms = core.losses(outputs, part, weights, progress)
+        terms = core.losses(outputs, part, progress)
         # Terms outside `weights` (a model's LOGGED_TERMS, e.g. HRLF's FRF sub-terms) are logged, not trained.
         total = sum(weights[name] * value for name, value in terms.items() if name in weights)
         return outputs, terms, total * float("nan") if inject_nan else total
@@ -215,7 +179,7 @@ def extra_discriminator_steps(state: TrainState, cfg: ExperimentConfig, outputs:
 
 
 def evaluate_epoch(model: nn.Module, cfg: ExperimentConfig, splits: dict[str, SplitTensors],
-                   device: torch.device) -> dict[str, list[PatternResult]]:
+                   device: torch.device) -> EpochResults:
     patterns = cfg.missing.patterns()
     streams = eval_streams(cfg, device) if unwrap(model) is model else 1
     return {name: evaluate_patterns(model, data, patterns, seed=cfg.missing.seed,
@@ -223,21 +187,9 @@ def evaluate_epoch(model: nn.Module, cfg: ExperimentConfig, splits: dict[str, Sp
             for name, data in splits.items()}
 
 
-def objective_value(results: dict[str, list[PatternResult]], cfg: ExperimentConfig, name: str | None = None) -> float:
-    """`search.objective` on the validation split over `search.objective_patterns`:
-    robust_f1 (mean f1_non0), worst_f1 (min f1_non0), `<metric>` (its mean over the patterns)
-    or `<metric>@<pattern>` (its value on one pattern)."""
-    by_pattern = {r.pattern.name: r.metrics for r in results["valid"]}
-    wanted = [p for p in cfg.search.objective_patterns if p in by_pattern] or list(by_pattern)
-    name = name or cfg.search.objective
-    if name == "robust_f1":
-        return robust_f1(by_pattern, wanted)
-    if name == "worst_f1":
-        return worst_f1(by_pattern, wanted)
-    metric, _, pattern = name.partition("@")
-    if pattern:
-        return float(by_pattern[pattern][metric])
-    return float(np.mean([by_pattern[p][metric] for p in wanted]))
+def search_objective(results: EpochResults, cfg: ExperimentConfig) -> float:
+    """`search.objective` on the validation split over `search.objective_patterns`."""
+    return objective_value(results["valid"], cfg.search.objective, cfg.search.objective_patterns)
 
 
 def fit(cfg: ExperimentConfig, splits: dict[str, SplitTensors], *, device: torch.device | None = None,
@@ -254,7 +206,7 @@ def fit(cfg: ExperimentConfig, splits: dict[str, SplitTensors], *, device: torch
         losses = train_epoch(state, cfg, splits["train"], device, on_step=on_step)
         mid = time.perf_counter()
         results = evaluate_epoch(state.model, cfg, evaluated, device)
-        report = EpochReport(state.epoch, losses, results, objective_value(results, cfg), mid - start,
+        report = EpochReport(state.epoch, losses, results, search_objective(results, cfg), mid - start,
                              time.perf_counter() - mid)
         state.history.append(report)
         state.epoch += 1

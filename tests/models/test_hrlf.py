@@ -91,7 +91,7 @@ def test_multi_scale_representations_follow_the_fusion_widths():
 @pytest.mark.parametrize("estimator", ["infonce", "jsd"])
 def test_losses_are_the_named_terms_finite_and_nonzero(estimator):
     model, batch = tiny_model(mi_estimator=estimator), tiny_batch()
-    terms = model.train().losses(model(batch, progress=0.5), batch, None, 0.5)
+    terms = model.train().losses(model(batch, progress=0.5), batch, 0.5)
     assert list(terms) == ["task", "task_teacher", "frf", "hmi", "hal", "kd", *HRLF.LOGGED_TERMS]
     assert HRLF.LOGGED_TERMS == ("frf_intra", "frf_inter", "frf_semantic", "frf_disentangle")
     for name, value in terms.items():
@@ -118,7 +118,7 @@ def test_teacher_pretraining_trains_the_teacher_alone():
     model, batch = tiny_model(teacher_pretrain_fraction=0.5).train(), tiny_batch()
     for progress, student_trains in ((0.2, False), (0.7, True)):
         model.zero_grad()
-        terms = model.losses(model(batch, progress=progress), batch, None, progress)
+        terms = model.losses(model(batch, progress=progress), batch, progress)
         sum(w * terms[k] for k, w in HRLF.LOSS_TERMS.items()).backward()
         student = [p.grad for p in model.student.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
         teacher = [p.grad for p in model.teacher.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
@@ -234,8 +234,7 @@ def test_hrlf_learns_on_synthetic_mosi_aligned_and_dropping_text_hurts():
     # The trainer logs the FRF sub-terms next to the weighted terms.
     assert set(state.history[0].losses) == {*HRLF.LOSS_TERMS, *HRLF.LOGGED_TERMS, "total"}
     test = splits["test"]
-    rows = {r.pattern.name: r.metrics for r in evaluate_patterns(
-        state.model, test, [parse_pattern(p) for p in ("intra:0.0", "inter:L")], seed=1111)}
+    rows = evaluate_patterns(state.model, test, [parse_pattern(p) for p in ("intra:0.0", "inter:L")], seed=1111)
     labels = test.labels.numpy()
     mean_predictor = msa_metrics(np.full_like(labels, splits["train"].labels.mean().item()), labels)
     complete = rows["intra:0.0"]

@@ -12,21 +12,28 @@ from data_pipeline.loader import Batch, SplitTensors, make_batch
 from data_pipeline.missing import TrainingMissing
 from data_pipeline.schema import DataSpec
 from data_pipeline.synth import synthesize
-from models.config import ModelConfig
+from models.config import AdversarialConfig, LNLNConfig, ModelConfig
 from models.layers import Attention, TokenEncoder, grad_reverse, grl_coefficient
 from models.lnln import LNLN
 from random_batches import random_batch
 
 SPEC = DataSpec(name="mosi-aligned", text_len=12, audio_len=10, vision_len=9, text_dim=16, audio_dim=5,
                 vision_dim=7, label_min=-3.0, label_max=3.0, has_text_bert=False, text_special_tokens=False)
-CFG = ModelConfig(hidden_dim=32, num_heads=4)
-TINY = dict(tokens=4, dim_head=8, mlp_dim=32)
 B = 6
+
+
+def tiny_config(lambda_max: float = 1.0, task_loss: str = "mse", **lnln_options) -> ModelConfig:
+    return ModelConfig(hidden_dim=32, num_heads=4, dim_head=8, mlp_dim=32, task_loss=task_loss,
+                       adversarial=AdversarialConfig(lambda_max=lambda_max),
+                       lnln=LNLNConfig(tokens=4, **lnln_options))
+
+
+CFG = tiny_config()
 
 
 def tiny_model(**options) -> LNLN:
     torch.manual_seed(0)
-    return LNLN(CFG, SPEC, **{**TINY, **options})
+    return LNLN(tiny_config(**options), SPEC)
 
 
 def tiny_batch(seed: int = 0, rate: float = 0.5) -> Batch:
@@ -71,7 +78,7 @@ def test_train_step_on_pipeline_batch_updates_every_trained_module():
     data = SplitTensors.from_arrays(ds.spec, "train", ds.split("train"))
     batch = make_batch(data, np.arange(min(8, len(data))), TrainingMissing(), seed=1, epoch=0)
     torch.manual_seed(0)
-    model = LNLN(CFG, ds.spec, **TINY).train()
+    model = LNLN(CFG, ds.spec).train()
     terms = model.losses(model(batch, progress=0.5), batch, progress=0.5)
     sum(LNLN.LOSS_TERMS[k] * v for k, v in terms.items()).backward()
     for name in ("embeddings", "completeness_check", "proxy_generator", "discriminator", "language_encoder",
@@ -134,23 +141,8 @@ def test_grl_coefficient_schedules():
     dann = [grl_coefficient(p, "dann", 1.0, gamma=10.0) for p in (0.0, 0.5, 1.0)]
     assert dann[0] == 0.0
     assert math.isclose(dann[1], 2 / (1 + math.exp(-5)) - 1) and math.isclose(dann[2], 2 / (1 + math.exp(-10)) - 1)
-    # Warm-up: zero for the first fraction, then the schedule over the remaining progress.
-    assert grl_coefficient(0.1, "constant", 1.0, warmup=0.2) == 0.0
-    assert grl_coefficient(0.2, "constant", 1.0, warmup=0.2) == 1.0
-    assert grl_coefficient(0.6, "linear", 1.0, warmup=0.2) == pytest.approx(0.5)
-    assert grl_coefficient(1.0, "linear", 1.0, warmup=0.2) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="constant, linear, dann"):
         grl_coefficient(0.5, "cosine")
-
-
-def test_adversarial_warmup_zeroes_the_term_and_the_grl():
-    model, batch = tiny_model(adv_warmup=0.5), tiny_batch()
-    early = model.train()(batch, progress=0.2)
-    assert early["grl_lambda"] == 0.0 and early["adversarial_active"] is False
-    assert model.losses(early, batch, progress=0.2)["adversarial"].item() == 0.0
-    late = model(batch, progress=0.7)
-    assert late["grl_lambda"] == 1.0 and late["adversarial_active"] is True
-    assert model.losses(late, batch, progress=0.7)["adversarial"].item() > 0.0
 
 
 # --- Dominant Modality Correction gating -------------------------------------------------------
@@ -160,11 +152,12 @@ def test_completeness_one_makes_prediction_ignore_proxy_generator():
     model, batch = tiny_model().eval(), tiny_batch()
 
     def perturbed_change(w):
-        before = model(batch, force_completeness=w)["prediction"]
+        model.fixed_completeness = w
+        before = model(batch)["prediction"]
         saved = [p.clone() for p in model.proxy_generator.parameters()]
         for p in model.proxy_generator.parameters():
             p.add_(torch.randn_like(p))
-        after = model(batch, force_completeness=w)["prediction"]
+        after = model(batch)["prediction"]
         for p, s in zip(model.proxy_generator.parameters(), saved):
             p.copy_(s)
         return (after - before).abs().max().item()
@@ -175,13 +168,12 @@ def test_completeness_one_makes_prediction_ignore_proxy_generator():
 
 @torch.no_grad()
 def test_completeness_zero_makes_prediction_ignore_language_input():
-    model, batch = tiny_model().eval(), tiny_batch()
+    model, batch = tiny_model(fixed_completeness=0.0).eval(), tiny_batch()
     other = tiny_batch(seed=1)  # same audio/vision, different text
     other = Batch(text=other.text, audio=batch.audio, vision=batch.vision, label=batch.label,
                   text_missing_fraction=batch.text_missing_fraction)
-    model.force_completeness = 0.0
     assert torch.equal(model(batch)["prediction"], model(other)["prediction"])
-    model.force_completeness = 1.0
+    model.fixed_completeness = 1.0
     assert not torch.allclose(model(batch)["prediction"], model(other)["prediction"])
 
 
@@ -271,14 +263,23 @@ def test_parameter_count_at_mosi_shapes_is_about_6_4m():
 
 def test_fusion_depth_follows_dataset_family():
     assert len(tiny_model().fusion.transformer.transformer.blocks) == 2
-    mosei = LNLN(CFG, DataSpec(**{**SPEC.__dict__, "name": "mosei"}), **TINY)
+    mosei = LNLN(CFG, DataSpec(**{**SPEC.__dict__, "name": "mosei"}))
     assert len(mosei.fusion.transformer.transformer.blocks) == 4
 
 
 def test_bert_text_encoder_without_local_weights_raises_clear_error(tmp_path):
     spec = DataSpec(**{**SPEC.__dict__, "has_text_bert": True})
-    cfg = ModelConfig(hidden_dim=32, num_heads=4, text_encoder="bert", bert_path=str(tmp_path / "missing"))
+    cfg = CFG.model_copy(update={"text_encoder": "bert", "bert_path": str(tmp_path / "missing")})
     with pytest.raises(ValueError, match="bert_path"):
-        LNLN(cfg, spec, **TINY)
-    with pytest.raises(ValueError, match="unknown task_loss"):
-        LNLN(CFG, SPEC, task_loss="huber")
+        LNLN(cfg, spec)
+
+
+def test_every_lnln_option_is_reachable_from_the_config():
+    # Built from its config alone: each option of model.lnln changes the module it builds.
+    model = LNLN(tiny_config(fusion_depth=3, hyper_dim_head=4, grl_placement="shared", fusion_query="language",
+                             detach_reconstruction_target=True, fixed_completeness=0.5, length_buckets=2), SPEC)
+    assert len(model.fusion.transformer.transformer.blocks) == 3 and model.fusion.query == "language"
+    assert model.hyper_modality.layers[0].dim_head == 4
+    assert model.grl_placement == "shared" and model.detach_reconstruction_target
+    assert model.fixed_completeness == 0.5 and model.embeddings["text"].length_buckets == 2
+    assert model.embeddings["text"].num_tokens == 4

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,13 +196,6 @@ def test_robust_and_worst_f1_over_all_and_a_subset():
     assert robust_f1(ROWS, ["complete", "intra:0.5"]) == pytest.approx(0.7)
     assert worst_f1(ROWS, ["complete", "intra:0.5"]) == pytest.approx(0.6)
     assert worst_f1(ROWS, "complete") == pytest.approx(0.8)
-
-
-def test_robust_f1_accepts_pattern_result_rows():
-    rows = [SimpleNamespace(pattern=name, metrics=m) for name, m in ROWS.items()]
-    assert robust_f1(rows, ["inter:A+V"]) == pytest.approx(0.4)
-    with pytest.raises(ValueError, match="twice"):
-        robust_f1(rows + rows[:1])
 
 
 def test_missing_pattern_raises_key_error_naming_it():

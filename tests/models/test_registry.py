@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.registry import Dist, get_model, model_names
+from models.registry import get_model, model_names
+from models.space import Dist
 
 
 def test_dist_parses_every_kind_and_rejects_bad_ranges():
@@ -18,7 +19,7 @@ def test_dist_parses_every_kind_and_rejects_bad_ranges():
     assert Dist.parse(Dist.parse({"int": [1, 3]}).to_data()) == Dist("int", 1, 3)
 
 
-def test_lnln_entry_names_its_terms_space_and_selection_metric():
+def test_lnln_entry_names_its_terms_and_space():
     entry = get_model("lnln")
     assert list(entry.loss_terms) == ["task", "completeness", "adversarial", "reconstruction", "sparsity"]
     assert entry.loss_terms["completeness"] == 0.9 and entry.loss_terms["sparsity"] == 0.0
@@ -27,7 +28,6 @@ def test_lnln_entry_names_its_terms_space_and_selection_metric():
                 "model.adversarial.warmup_epochs", "model.adversarial.disc_steps", "train.lr",
                 "train.weight_decay", "model.dropout"):
         assert key in entry.search_space, key
-    assert entry.selection_metric == "robust_f1"
     assert "lnln" in model_names()
 
 

@@ -12,7 +12,7 @@ from search.results import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--set", "data.scale=0.1", "--set", "train.epochs=2", "--set", "model.hidden_dim=32",
-         "--set", "model.dim_head=16", "--set", "model.num_heads=4", "--set", "model.tokens=4",
+         "--set", "model.dim_head=16", "--set", "model.num_heads=4", "--set", "model.lnln.tokens=4",
          "--set", "train.workers=0"]
 
 
@@ -42,8 +42,8 @@ def test_train_writes_config_results_and_checkpoint(tmp_path):
 
 def test_train_config_errors_are_one_line(tmp_path):
     r = cli("train", "--config", str(ROOT / "configs" / "lnln_quick.yaml"), "--set", "train.engin=ddp", cwd=tmp_path)
-    assert r.returncode == 1 and "'train.engin'" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "'train.engin'" in r.stderr and "Traceback" not in r.stderr
     r = cli("train", "--config", str(ROOT / "configs" / "lnln_quick.yaml"), "--set", "model.loss_weights.kd=1",
             "--set", "output.dir=x", cwd=tmp_path)
-    assert r.returncode == 1 and "unknown term(s) kd" in r.stderr
+    assert r.returncode == 2 and "'model.loss_weights.kd': not a loss term" in r.stderr
     assert not (tmp_path / "x").exists(), "nothing written for an invalid config"

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--config", str(ROOT / "configs" / "lnln_quick.yaml"),
         "--set", "data.scale=0.1", "--set", "train.epochs=3", "--set", "train.workers=2",
         "--set", "train.engine=ddp", "--set", "train.device=cpu", "--set", "model.hidden_dim=32",
-        "--set", "model.dim_head=16", "--set", "model.num_heads=4", "--set", "model.tokens=4"]
+        "--set", "model.dim_head=16", "--set", "model.num_heads=4", "--set", "model.lnln.tokens=4"]
 
 
 def cli(*args, cwd, **kw):

@@ -13,7 +13,7 @@ from search.config import ExperimentConfig
 from search.evaluate import evaluate_patterns, predict_patterns
 from search.trainer import TrainingDiverged, build_state, fit, train_epoch
 
-SMALL_MODEL = {"hidden_dim": 32, "num_heads": 4, "dim_head": 16, "mlp_dim": 32, "tokens": 4}
+SMALL_MODEL = {"hidden_dim": 32, "num_heads": 4, "dim_head": 16, "mlp_dim": 32, "lnln": {"tokens": 4}}
 
 
 def small_cfg(**train) -> ExperimentConfig:
@@ -40,17 +40,17 @@ def test_evaluator_returns_one_row_per_grid_pattern_in_order(trained, aligned_sp
     cfg, state = trained
     patterns = cfg.missing.patterns()
     rows = evaluate_patterns(state.model, aligned_splits["valid"], patterns, seed=cfg.missing.seed)
-    assert [r.pattern.name for r in rows] == default_eval_grid()
-    assert all(set(r.metrics) >= {"f1_non0", "acc2_has0", "acc7", "mae", "corr"} for r in rows)
+    assert list(rows) == default_eval_grid()
+    assert all(set(m) >= {"f1_non0", "acc2_has0", "acc7", "mae", "corr"} for m in rows.values())
 
 
 def test_sixteen_patterns_in_one_call_equal_sixteen_separate_calls(trained, aligned_splits):
     cfg, state = trained
     patterns = cfg.missing.patterns()
     together = evaluate_patterns(state.model, aligned_splits["test"], patterns, seed=5, batch_size=50)
-    for pattern, row in zip(patterns, together):
-        alone = evaluate_patterns(state.model, aligned_splits["test"], [pattern], seed=5, batch_size=64)[0]
-        assert alone.metrics == pytest.approx(row.metrics, abs=1e-6)
+    for pattern in patterns:
+        alone = evaluate_patterns(state.model, aligned_splits["test"], [pattern], seed=5, batch_size=64)
+        assert alone[pattern.name] == pytest.approx(together[pattern.name], abs=1e-6)
 
 
 def test_patterns_in_parallel_streams_equal_one_stream(trained, aligned_splits):
@@ -58,10 +58,10 @@ def test_patterns_in_parallel_streams_equal_one_stream(trained, aligned_splits):
     patterns = cfg.missing.patterns()
     one = evaluate_patterns(state.model, aligned_splits["valid"], patterns, seed=5, batch_size=40)
     three = evaluate_patterns(state.model, aligned_splits["valid"], patterns, seed=5, batch_size=40, streams=3)
-    assert [r.pattern.name for r in three] == [r.pattern.name for r in one]
-    for a, b in zip(one, three):
-        assert b.metrics == pytest.approx(a.metrics, abs=1e-5)
-    assert one[0].metrics["mae"] != one[-1].metrics["mae"]  # the patterns do differ
+    assert list(three) == list(one)
+    for name in one:
+        assert three[name] == pytest.approx(one[name], abs=1e-5)
+    assert one["intra:0.0"]["mae"] != one["inter:A+V"]["mae"]  # the patterns do differ
 
 
 def test_reused_encodings_give_the_same_predictions_from_fewer_encoder_passes(trained, aligned_splits):
@@ -91,8 +91,8 @@ def test_reused_encodings_give_the_same_predictions_from_fewer_encoder_passes(tr
 def test_lnln_learns_and_degrades_with_missing_rate(trained, aligned_splits):
     cfg, state = trained
     test = aligned_splits["test"]
-    rows = {r.pattern.name: r.metrics for r in evaluate_patterns(
-        state.model, test, [parse_pattern(p) for p in ("intra:0.0", "intra:0.9", "inter:L")], seed=1111)}
+    rows = evaluate_patterns(state.model, test, [parse_pattern(p) for p in ("intra:0.0", "intra:0.9", "inter:L")],
+                             seed=1111)
     labels = test.labels.numpy()
     mean_predictor = msa_metrics(np.full_like(labels, aligned_splits["train"].labels.mean().item()), labels)
     complete = rows["intra:0.0"]
@@ -116,7 +116,7 @@ def test_same_seed_gives_identical_metrics(aligned_splits):
     a = fit(cfg, aligned_splits, device=torch.device("cpu")).history[-1]
     b = fit(cfg, aligned_splits, device=torch.device("cpu")).history[-1]
     assert a.losses == b.losses
-    assert [r.metrics for r in a.results["test"]] == [r.metrics for r in b.results["test"]]
+    assert a.results["test"] == b.results["test"]
 
 
 def test_adversarial_warmup_and_extra_discriminator_steps(aligned_splits):

@@ -13,7 +13,7 @@ from search.config import ExperimentConfig
 from search.row_parallel import resolve_chunks
 from search.trainer import build_state, forward_backward, train_epoch
 
-SMALL_MODEL = {"hidden_dim": 32, "num_heads": 4, "dim_head": 16, "mlp_dim": 32, "tokens": 4}
+SMALL_MODEL = {"hidden_dim": 32, "num_heads": 4, "dim_head": 16, "mlp_dim": 32, "lnln": {"tokens": 4}}
 CPU = torch.device("cpu")
 
 

@@ -13,19 +13,19 @@ import optuna
 import pytest
 import ray
 
-from search.config import load_config
-from search.distributed import LOCAL_RAY_SYSTEM_CONFIG
+from search.config import ConfigError, load_config
 from search.export import export_best
+from search.layout import Layout
+from search.ray_setup import LOCAL_RAY_SYSTEM_CONFIG
 from search.results import ResultsStore
 from search.run import train_in_process
-from search.space import SearchSpaceError
-from search.tune import FAILURES, optuna_storage_url, run_experiment, study_name
+from search.tune import run_experiment
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["data.scale=0.1", "train.epochs=2", "train.batch_size=32", "model.hidden_dim=32", "model.dim_head=16",
-        "model.num_heads=4", "model.tokens=4", "train.device=cpu", "search.max_concurrent=2",
+        "model.num_heads=4", "model.lnln.tokens=4", "train.device=cpu", "search.max_concurrent=2",
         "search.scheduler=none", "train.threads=1"]
 
 
@@ -41,6 +41,11 @@ def local_ray():
     ray.shutdown()
 
 
+def load_study(exp: Path) -> optuna.Study:
+    layout = Layout(exp)
+    return optuna.load_study(study_name=layout.study_name, storage=layout.optuna_storage)
+
+
 def per_trial_epochs(df):
     return df.groupby("trial_id").epoch.agg(lambda e: sorted(set(e)))
 
@@ -48,16 +53,17 @@ def per_trial_epochs(df):
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, local_ray):
     exp = tmp_path_factory.mktemp("tune") / "exp"
-    run_experiment(tiny(exp, "search.num_samples=6", "search.nan_trial=2", "search.seed=3"))
+    outcome = run_experiment(tiny(exp, "search.num_samples=6", "search.nan_trial=2", "search.seed=3"))
+    assert dict(outcome.trials) == {"completed": 5, "errored": 1} and "loss is nan" in outcome.first_failure
     return exp
 
 
 def test_six_trials_write_study_results_and_only_the_nan_trial_fails(experiment):
-    study = optuna.load_study(study_name=study_name(experiment), storage=optuna_storage_url(experiment))
+    study = load_study(experiment)
     assert len(study.trials) == 6
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 5 and states.count(optuna.trial.TrialState.FAIL) == 1
-    failures = [json.loads(l) for l in (experiment / FAILURES).read_text().splitlines()]
+    failures = [json.loads(l) for l in Layout(experiment).failures.read_text().splitlines()]
     assert len(failures) == 1 and "loss is nan" in failures[0]["reason"]
     df = ResultsStore(experiment / "results").read()
     assert df.trial_id.nunique() == 5, "the failed trial reported nothing"
@@ -91,14 +97,18 @@ def test_existing_experiment_dir_is_refused(experiment):
         run_experiment(tiny(experiment, "search.num_samples=1"))
 
 
-def test_bad_search_space_override_fails_before_ray(tmp_path):
-    exp = tmp_path / "bad"
-    for override, phrase in (("search.space={train.lr: {loguniform: [0, 1]}}", "loguniform needs low > 0"),
-                             ("search.space={model.loss_weights.kd: {uniform: [0, 1]}}", "'kd' is not a loss term"),
-                             ("search.space={train.epochz: {int: [1, 3]}}", "train.epochz")):
-        with pytest.raises(SearchSpaceError, match=phrase):
-            run_experiment(tiny(exp, override))
-        assert not exp.exists()
+def test_tune_exits_non_zero_with_the_reason_when_no_trial_completed(tmp_path, local_ray, monkeypatch, capsys):
+    from search import cli
+
+    args = ["msa-search", "tune", "--config", str(ROOT / "configs" / "lnln_quick.yaml")]
+    for item in [*TINY, "search.num_samples=1", "search.nan_trial=0", "train.epochs=1", f"output.dir={tmp_path / 'x'}"]:
+        args += ["--set", item]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "no trial completed (1 errored)" in err and "loss is nan" in err
 
 
 def test_interrupted_experiment_resumes_to_the_same_trial_count(tmp_path):
@@ -125,7 +135,7 @@ def test_interrupted_experiment_resumes_to_the_same_trial_count(tmp_path):
     assert df.trial_id.nunique() == 4
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
     assert all(epochs == [0, 1] for epochs in per_trial_epochs(df))
-    study = optuna.load_study(study_name=study_name(exp), storage=optuna_storage_url(exp))
+    study = load_study(exp)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 4
 
 
@@ -133,7 +143,7 @@ def test_multi_objective_search_exports_its_pareto_front(tmp_path, local_ray):
     exp = tmp_path / "multi"
     objectives = "search.objectives=[f1_non0@intra:0.0, robust_f1]"
     run_experiment(tiny(exp, "search.num_samples=3", objectives, "train.epochs=1"))
-    study = optuna.load_study(study_name=study_name(exp), storage=optuna_storage_url(exp))
+    study = load_study(exp)
     assert len(study.directions) == 2 and len(study.trials) == 3
     written = export_best(exp, tmp_path / "front.yaml")
     assert 1 <= len(written) <= 3
@@ -161,7 +171,7 @@ def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray):
 
 
 def test_multi_objective_needs_no_scheduler():
-    with pytest.raises(Exception, match="needs search.scheduler: none"):
+    with pytest.raises(ConfigError, match="search.scheduler.: a multi-objective search .* needs none"):
         load_config(ROOT / "configs" / "lnln_quick.yaml", ["search.objectives=[robust_f1, worst_f1]"])
 
 
@@ -171,7 +181,7 @@ def test_trials_can_nest_ray_train_workers(tmp_path, local_ray):
                         "search.cpus_per_trial=1"))
     df = ResultsStore(exp / "results").read()
     assert df.trial_id.nunique() == 2 and len(df) == 2 * 1 * 2 * 16
-    study = optuna.load_study(study_name=study_name(exp), storage=optuna_storage_url(exp))
+    study = load_study(exp)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     # What Optuna was told is the robust_f1 of the rows the workers reported.
     patterns = tiny(exp).search.objective_patterns

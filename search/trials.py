@@ -1,0 +1,85 @@
+"""Tune trials: the functions Ray Tune runs, one per sampled configuration.
+
+Each trial's config is the experiment's base config with the sampled dotted keys set
+(`ExperimentConfig.with_params`). With `train.workers: 0` a trial trains in its own Tune
+process (cheap trials); with `train.workers >= 1` it fits a nested Ray Train run whose
+reports reach Tune through `TuneReportCallback` (Ray 2.60 runs Train V2, where
+`Tuner(TorchTrainer)` is not supported). Either way the same loop reports the same metrics.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from data_pipeline.loader import load_splits
+
+from .config import ExperimentConfig
+from .layout import Layout
+from .ray_setup import torch_trainer
+from .results import EpochReport, epoch_metrics
+from .trainer import TrainState, build_state, fit, load_state, resolve_device, save_state
+
+STATE_FILE = "state.pt"  # inside a Tune checkpoint of an in-process trial
+
+
+def trial_config(params: dict, base: dict) -> ExperimentConfig:
+    """The trial's config; the NaN test hook (`search.nan_trial`) applies here."""
+    cfg = ExperimentConfig.model_validate(base).with_params(params)
+    if cfg.search.nan_trial is not None and _claim_start_index(Layout(Path(cfg.output.dir))) == cfg.search.nan_trial:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"inject_nan": True})})
+    return cfg
+
+
+def _claim_start_index(layout: Layout) -> int:
+    """0-based order in which this trial started: the first free number, claimed atomically
+    with O_EXCL so concurrent trials never share one."""
+    claims = layout.trial_starts
+    claims.mkdir(exist_ok=True)
+    n = 0
+    while True:
+        try:
+            os.close(os.open(claims / str(n), os.O_CREAT | os.O_EXCL))
+            return n
+        except FileExistsError:
+            n += 1
+
+
+def in_process_trial(params: dict, base: dict, store: str) -> None:
+    """train.workers = 0: train in this Tune process, report (and checkpoint) every epoch."""
+    from ray import tune
+
+    cfg = trial_config(params, base)
+    torch.set_num_threads(cfg.train.threads or max(1, int(cfg.search.cpus_per_trial)))
+    splits = load_splits(store)
+    device = resolve_device(cfg.train.device)
+    state = build_state(cfg, splits["train"], device)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt:
+            load_state(state, Path(ckpt) / STATE_FILE)
+
+    def on_epoch(state: TrainState, report: EpochReport) -> None:
+        metrics = epoch_metrics(report, cfg.search)
+        if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
+            with tempfile.TemporaryDirectory() as ckpt:
+                save_state(state, Path(ckpt) / STATE_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt))
+        else:
+            tune.report(metrics)
+
+    fit(cfg, splits, device=device, state=state, on_epoch=on_epoch)
+
+
+def distributed_trial(params: dict, base: dict, store: str) -> None:
+    """train.workers >= 1: a nested Ray Train run per trial."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(params, base)
+    trial_id = tune.get_context().get_trial_id()
+    torch_trainer(cfg, store=Path(store), checkpoint_key=trial_id, name=trial_id,
+                  storage_path=Layout(Path(cfg.output.dir)).nested_trials,
+                  callbacks=[TuneReportCallback()]).fit()
