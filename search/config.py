@@ -22,7 +22,8 @@ from models.space import Dist
 
 from .objective import check_objective, default_objective_patterns, objective_mode
 
-# Validation context of a trial's config: its experiment's search space was checked already.
+# Validation context of a config the driver checked already (a trial's, a worker's): its
+# search space is not resolved again.
 TRIAL_CONTEXT = {"trial": True}
 
 

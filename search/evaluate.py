@@ -19,11 +19,8 @@ from data_pipeline.missing import Pattern
 from data_pipeline.presets import MODALITIES
 from models.metrics import msa_metrics_grouped
 
+from .objective import PatternMetrics
 from .row_parallel import parallel_map
-
-
-# One split's evaluation: pattern name -> metric name -> value, in grid order.
-PatternMetrics = dict[str, dict[str, float]]
 
 
 def metrics_family(dataset_name: str) -> str:

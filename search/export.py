@@ -13,9 +13,8 @@ from data_pipeline.errors import MsaSearchError
 from models.metrics import SIMS_METRIC_NAMES
 
 from .config import ConfigError, ExperimentConfig, load_config
-from .evaluate import PatternMetrics
 from .layout import Layout
-from .objective import HELD_OUT_PATTERNS, check_objective, objective_mode, objective_value, pareto_front
+from .objective import HELD_OUT_PATTERNS, PatternMetrics, check_objective, objective_mode, objective_value, pareto_front
 from .results import ResultsStore
 
 

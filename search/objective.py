@@ -22,7 +22,8 @@ HELD_OUT_PATTERNS = ("intra:0.9", "inter:L+V")
 OBJECTIVE = "objective"
 AGGREGATES = ("robust_f1", "worst_f1")
 
-PatternMetrics = Mapping[str, Mapping[str, float]]  # pattern name -> metric name -> value
+# One split's results: pattern name -> metric name -> value, in grid order (search/evaluate.py).
+PatternMetrics = dict[str, dict[str, float]]
 
 
 def default_objective_patterns(grid: Sequence[str]) -> list[str]:

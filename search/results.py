@@ -24,8 +24,7 @@ from data_pipeline.atomic import atomic_file
 from data_pipeline.missing import MODALITY_LETTERS, parse_pattern
 
 from .config import ExperimentConfig, SearchConfig
-from .evaluate import PatternMetrics
-from .objective import OBJECTIVE, objective_value
+from .objective import OBJECTIVE, PatternMetrics, objective_value
 
 KEY_COLUMNS = ("trial_id", "epoch", "split", "pattern")
 

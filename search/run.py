@@ -19,7 +19,7 @@ from data_pipeline.source import prepare_store
 from .config import ExperimentConfig
 from .layout import Layout
 from .results import EpochReport, ResultsStore, RunInfo
-from .trainer import TrainState, fit, resolve_device, save_state
+from .trainer import TrainState, checkpoint_due, fit, resolve_device, save_state
 
 
 def prepare_run_dir(out: Path) -> None:
@@ -48,7 +48,7 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
 
     def on_epoch(state: TrainState, report: EpochReport) -> None:
         store.append(run, report.epoch, report.results, time.perf_counter() - started)
-        if (report.epoch + 1) % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
+        if checkpoint_due(state, cfg):
             save_state(state, layout.last_checkpoint)
         console.print(f"epoch {report.epoch + 1}/{cfg.train.epochs}  loss {report.losses['total']:.4f}  "
                       + "  ".join(f"{k} {v:.3f}" for k, v in report.losses.items() if k != "total")

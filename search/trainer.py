@@ -95,6 +95,11 @@ def load_state(state: TrainState, path: Path) -> None:
     state.epoch = int(saved["epoch"])
 
 
+def checkpoint_due(state: TrainState, cfg: ExperimentConfig) -> bool:
+    """After an epoch (state.epoch is the next one): every `train.checkpoint_every` epochs and after the last."""
+    return state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs
+
+
 def epoch_weights(state: TrainState, cfg: ExperimentConfig, epoch: int) -> dict[str, float]:
     """Loss weights for an epoch: adversarial terms are off during the adversarial warm-up."""
     if epoch < cfg.model.adversarial.warmup_epochs:

@@ -16,18 +16,18 @@ import torch
 
 from data_pipeline.loader import load_splits
 
-from .config import ExperimentConfig
+from .config import TRIAL_CONTEXT, ExperimentConfig
 from .layout import Layout
 from .ray_setup import torch_trainer
 from .results import EpochReport, epoch_metrics
-from .trainer import TrainState, build_state, fit, load_state, resolve_device, save_state
+from .trainer import TrainState, build_state, checkpoint_due, fit, load_state, resolve_device, save_state
 
 STATE_FILE = "state.pt"  # inside a Tune checkpoint of an in-process trial
 
 
 def trial_config(params: dict, base: dict) -> ExperimentConfig:
     """The trial's config; the NaN test hook (`search.nan_trial`) applies here."""
-    cfg = ExperimentConfig.model_validate(base).with_params(params)
+    cfg = ExperimentConfig.model_validate(base, context=TRIAL_CONTEXT).with_params(params)
     if cfg.search.nan_trial is not None and _claim_start_index(Layout(Path(cfg.output.dir))) == cfg.search.nan_trial:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"inject_nan": True})})
     return cfg
@@ -63,7 +63,7 @@ def in_process_trial(params: dict, base: dict, store: str) -> None:
 
     def on_epoch(state: TrainState, report: EpochReport) -> None:
         metrics = epoch_metrics(report, cfg.search)
-        if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
+        if checkpoint_due(state, cfg):
             with tempfile.TemporaryDirectory() as ckpt:
                 save_state(state, Path(ckpt) / STATE_FILE)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt))

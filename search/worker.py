@@ -18,12 +18,13 @@ import torch.distributed as dist
 
 from data_pipeline.loader import SplitTensors, load_splits
 
-from .config import ExperimentConfig
+from .config import TRIAL_CONTEXT, ExperimentConfig
 from .evaluate import ShardPredictions, pattern_metrics, predict_patterns, scatter_rows, split_fingerprint
 from .optim import DeepSpeedStep, OptimizerStep
 from .results import EpochReport, EpochResults, epoch_metrics
 from .row_parallel import eval_streams
-from .trainer import TrainState, build_state, load_state, resolve_device, save_state, search_objective, train_epoch, unwrap
+from .trainer import (TrainState, build_state, checkpoint_due, load_state, resolve_device, save_state, search_objective,
+                      train_epoch, unwrap)
 
 CLIENT_STATE_FILE = "client_state.pt"  # DDP checkpoints: model/optimizer/scheduler + epoch
 EVALUATED_SPLITS = ("valid", "test")
@@ -41,7 +42,7 @@ class Rank:
 
 
 def worker_loop(loop_config: dict) -> None:
-    cfg = ExperimentConfig.model_validate(loop_config["config"])
+    cfg = ExperimentConfig.model_validate(loop_config["config"], context=TRIAL_CONTEXT)  # checked by the driver
     me = _rank(cfg)
     splits = load_splits(loop_config["store"])
     state = build_state(cfg, splits["train"], me.device, world_size=me.world_size)
@@ -168,7 +169,7 @@ def report_epoch(state: TrainState, engine, cfg: ExperimentConfig, report: Epoch
 
     metrics = {**epoch_metrics(report, cfg.search), **fingerprints,
                "time/train_s": report.train_time_s, "time/eval_s": report.eval_time_s}
-    if state.epoch % cfg.train.checkpoint_every and state.epoch != cfg.train.epochs:
+    if not checkpoint_due(state, cfg):
         ray.train.report(metrics)
         return
     # DeepSpeed: one directory per node that all its ranks write their partitions into;
