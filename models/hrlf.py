@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +45,8 @@ class Representations:
 
 
 def task_error(prediction: Tensor, label: Tensor, kind: str) -> Tensor:
+    """In fp32 whatever the model's dtype (every loss term here is)."""
+    prediction, label = prediction.float(), label.float()
     return F.mse_loss(prediction, label) if kind == "mse" else F.l1_loss(prediction, label)
 
 
@@ -52,8 +55,9 @@ def soft_orthogonality(q: Tensor, u: Tensor) -> Tensor:
     is L2-normalized over the batch, i.e. the mean squared cosine between a feature of Q and a
     feature of U. Raw ||Q^T U||_F^2 grows with B and with the scale of Q and U (the encoders
     could satisfy it by shrinking); this stays in [0, 1]."""
-    qn, un = F.normalize(q, dim=0), F.normalize(u, dim=0)
-    return (qn.T @ un).pow(2).mean()  # (d, d) -> scalar
+    with torch.autocast(q.device.type, enabled=False):  # a loss: fp32, also inside autocast
+        qn, un = F.normalize(q.float(), dim=0), F.normalize(u.float(), dim=0)
+        return (qn.T @ un).pow(2).mean()  # (d, d) -> scalar
 
 
 # --- 2. Fine-grained Representation Factorization ---------------------------------------------
@@ -86,12 +90,12 @@ class FRF(nn.Module):
             target = rep.x[m].detach() if self.detach_target else rep.x[m]
             u = rep.u[m].expand(len(MODALITIES), -1, -1)  # (3, B, d)
             recon = self.decoders[m](torch.cat([sources, u], dim=-1))  # (3, B, d): D_m([Q_n ; U_m]) for every n
-            error = (recon - target).pow(2).mean(dim=(1, 2))  # (3,)
+            error = (recon.float() - target.float()).pow(2).mean(dim=(1, 2))  # (3,)
             intra.append(error[i])
             inter.extend(error[j] for j in range(len(MODALITIES)) if j != i)
             # Sentiment semantic reconstruction: re-encoding D_m([Q_n ; U_m]) with E_s gives Q_n
             # back. The target is detached so Q cannot meet its re-encoding by collapsing.
-            recode.append(F.mse_loss(self.sentiment[m](recon), sources.detach()))
+            recode.append(F.mse_loss(self.sentiment[m](recon).float(), sources.detach().float()))
         # ... and Q_m alone carries the label (one head shared by the modalities).
         label_fit = torch.stack([task_error(self.semantic_head(rep.q[m]).squeeze(-1), label, task_loss)
                                  for m in MODALITIES]).mean()
@@ -146,9 +150,13 @@ class HRLFNetwork(nn.Module):
                     nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                     nn.init.zeros_(layer.bias)
 
-    def forward(self, inputs: dict[str, tuple[Tensor, Tensor]]) -> Representations:
-        """inputs: modality -> (features (B, T, d_m), valid mask (B, T))."""
-        x = {m: self.norms[m](self.encoders[m](feats, valid)[:, 0]) for m, (feats, valid) in inputs.items()}  # (B, d)
+    def forward(self, inputs: dict[str, tuple[Tensor, Tensor]],
+                lengths: dict[str, np.ndarray | None] | None = None) -> Representations:
+        """inputs: modality -> (features (B, T, d_m), valid mask (B, T)); lengths: modality ->
+        host valid lengths (B,), when known (the encoders then never read the device)."""
+        lengths = lengths or {}
+        x = {m: self.norms[m](self.encoders[m](feats, valid, lengths.get(m))[:, 0])
+             for m, (feats, valid) in inputs.items()}  # (B, d)
         q, u = self.frf.factorize(x)
         scales, prediction = self.fusion(torch.cat([q[m] for m in MODALITIES], dim=-1))
         return Representations(x, q, u, scales, prediction)
@@ -165,7 +173,7 @@ def hierarchical_mi(critics: Sequence[nn.Module], student: Sequence[Tensor], tea
     teacher side detached. The weights sum to 1, so at the default this is the mean over scales."""
     bound = MI_ESTIMATORS[estimator]
     terms = torch.stack([bound(critic(s, t.detach())) for critic, s, t in zip(critics, student, teacher)])
-    return (terms * scale_weights).sum()
+    return (terms * scale_weights.float()).sum()
 
 
 def hierarchical_adversarial(discriminators: Sequence[nn.Module], student: Sequence[Tensor],
@@ -175,7 +183,7 @@ def hierarchical_adversarial(discriminators: Sequence[nn.Module], student: Seque
     each D_k to separate them and the student (gradient times -lam) to fool it."""
     losses = []
     for disc, s, t in zip(discriminators, student, teacher):
-        logits = disc(torch.cat([t.detach(), grad_reverse(s, lam)])).squeeze(-1)  # (2B,)
+        logits = disc(torch.cat([t.detach(), grad_reverse(s, lam)])).squeeze(-1).float()  # (2B,)
         target = torch.cat([torch.ones_like(logits[: len(t)]), torch.zeros_like(logits[len(t):])])
         losses.append(F.binary_cross_entropy_with_logits(logits, target))
     return torch.stack(losses).mean()
@@ -207,11 +215,13 @@ class HRLF(nn.Module):
     def forward(self, batch: Batch, progress: float = 0.0) -> dict:
         """prediction (B,) and the student's Representations; in training mode also the
         teacher's, from complete inputs. Evaluation never runs the teacher."""
-        student = self.student({m: (batch.modality(m).observed, batch.modality(m).valid) for m in MODALITIES})
+        lengths = {m: batch.modality(m).lengths for m in MODALITIES}
+        student = self.student({m: (batch.modality(m).observed, batch.modality(m).valid) for m in MODALITIES},
+                               lengths)
         out = {"prediction": student.prediction, "student": student}
         if self.training:
             out["teacher"] = self.teacher({m: (batch.modality(m).complete, batch.modality(m).valid)
-                                           for m in MODALITIES})
+                                           for m in MODALITIES}, lengths)
         return out
 
     def losses(self, outputs: dict, batch: Batch, progress: float = 0.0) -> dict[str, Tensor]:
@@ -220,10 +230,10 @@ class HRLF(nn.Module):
         the teacher-student terms are 0. During teacher pre-training the student's terms are
         returned detached: logged, but they train nothing."""
         s, t = outputs["student"], outputs.get("teacher")
-        label = batch.label.to(s.prediction.dtype)
+        label = batch.label.float()  # every term in fp32; labels are never rounded to the model's dtype
         gate = (lambda v: v.detach()) if progress < self.teacher_pretrain_fraction else (lambda v: v)
         frf_student = self.student.frf.objectives(s, label, self.task_loss)
-        zero = s.prediction.new_zeros(())
+        zero = s.prediction.new_zeros((), dtype=torch.float32)
         task_teacher = hmi = hal = kd = zero
         frf_teacher = dict.fromkeys(frf_student, zero)
         if t is not None:
@@ -233,7 +243,7 @@ class HRLF(nn.Module):
             adv = self.adversarial
             lam = grl_coefficient(progress, adv.schedule, adv.lambda_max, adv.gamma)
             hal = hierarchical_adversarial(self.discriminators, s.scales, t.scales, lam)
-            kd = F.mse_loss(s.prediction, t.prediction.detach())
+            kd = F.mse_loss(s.prediction.float(), t.prediction.detach().float())
         sub = {k: frf_teacher[k] + gate(frf_student[k]) for k in frf_student}  # FRF of both networks
         frf = sum(self.frf_weights[k] * v for k, v in sub.items())
         terms = {"task": gate(task_error(s.prediction, label, self.task_loss)), "task_teacher": task_teacher,

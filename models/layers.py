@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from data_pipeline.loader import host_to_device
 
 
 # --- Transformer ---------------------------------------------------------------------------
@@ -158,17 +161,22 @@ class TokenEncoder(nn.Module):
         self.pos_embedding = nn.Parameter(torch.randn(1, seq_len + tokens, dim))
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, lengths: np.ndarray | None = None,
                 return_hidden: bool = False) -> torch.Tensor | list[torch.Tensor]:
-        """x (B, N, d_in), N <= seq_len; mask (B, N) bool, True = a real position."""
+        """x (B, N, d_in), N <= seq_len; mask (B, N) bool, True = a real position. `lengths`
+        (B,) host (numpy) valid lengths, when the mask is their prefix mask: the groups are
+        then cut without reading the device (no host sync); without them the mask is read."""
         if x.shape[1] > self.seq_len:
             raise ValueError(f"input length {x.shape[1]} exceeds the encoder's seq_len {self.seq_len}")
         if mask is None or not self.num_tokens or return_hidden:
-            return self._encode(x, mask, return_hidden)
+            full = None if mask is None or lengths is None else bool((np.asarray(lengths) >= x.shape[1]).all())
+            return self._encode(x, mask, return_hidden, all_valid=full)
+        if lengths is not None:
+            return self._encode_grouped_host(x, mask, np.asarray(lengths))
         # Effective length: one past the last real position (works for any mask, not only prefixes).
         positions = torch.arange(1, x.shape[1] + 1, device=x.device)
         lengths = (mask * positions).amax(dim=1)  # (B,)
-        order = torch.argsort(lengths)
+        order = torch.argsort(lengths, stable=True)
         # Always `length_buckets` groups, empty ones included (a batch of fewer rows): every
         # batch then makes the same submodule calls, which ZeRO-3 needs (each rank gathers the
         # same weights in the same order; a 1-row tail batch on one rank once broke that).
@@ -180,16 +188,34 @@ class TokenEncoder(nn.Module):
             outs.append(self._encode(x[rows, :cut], mask[rows, :cut]))
         return torch.cat(outs).index_select(0, torch.argsort(order))  # back to batch order
 
-    def _encode(self, x, mask, return_hidden=False):
+    def _encode_grouped_host(self, x: torch.Tensor, mask: torch.Tensor, lengths: np.ndarray) -> torch.Tensor:
+        """The grouping of `forward` planned on the host: same groups (stable order), same cuts,
+        and a group whose rows all fill its cut drops its mask; one non-blocking index copy."""
+        order = np.argsort(lengths, kind="stable")
+        groups = np.array_split(order, self.length_buckets)  # the sizes torch.tensor_split gives
+        index = np.concatenate([order, np.argsort(order)])  # then back to batch order
+        rows_all, inverse = host_to_device(index, x.device).split(len(order))
+        outs, start = [], 0
+        for group in groups:
+            rows = rows_all[start:start + len(group)]
+            start += len(group)
+            cut = min(int(lengths[group[-1]]), x.shape[1]) if len(group) else 1
+            full = not len(group) or int(lengths[group[0]]) >= cut  # sorted: the first is the shortest
+            outs.append(self._encode(x[:, :cut].index_select(0, rows), mask[:, :cut].index_select(0, rows),
+                                     all_valid=full))
+        return torch.cat(outs).index_select(0, inverse)  # back to batch order
+
+    def _encode(self, x, mask, return_hidden=False, all_valid: bool | None = None):
+        """all_valid: whether the mask hides nothing, when the caller knows (else it is read)."""
         x = self.in_proj(x)  # (B, N, d)
         b, n, _ = x.shape
+        if mask is not None and (all_valid if all_valid is not None else bool(mask.all())):
+            mask = None  # nothing to hide: let SDPA take its unmasked path
         if self.tokens is not None:
             x = torch.cat([self.tokens.expand(b, -1, -1), x], dim=1)  # (B, T + N, d)
             if mask is not None:
                 mask = F.pad(mask, (self.num_tokens, 0), value=True)  # tokens always attend
         x = x + self.pos_embedding[:, : x.shape[1]]
-        if mask is not None and bool(mask.all()):
-            mask = None  # nothing to hide: let SDPA take its unmasked path
         keep = self.num_tokens or None
         return self.transformer(x, mask=mask, keep_first=keep, return_hidden=return_hidden)
 
@@ -304,14 +330,18 @@ def infonce_loss(scores: torch.Tensor) -> torch.Tensor:
     """-(InfoNCE bound) + log B: cross-entropy of each row of a (B, B) score matrix against its
     diagonal. Minimizing it maximizes the bound I >= log B - loss."""
     target = torch.arange(scores.shape[0], device=scores.device)
-    return F.cross_entropy(scores, target)
+    return F.cross_entropy(scores.float(), target)  # fp32 loss whatever the critic's dtype
 
 
 def jsd_mi_loss(scores: torch.Tensor) -> torch.Tensor:
     """-(Jensen-Shannon MI estimate) in Deep InfoMax's softplus form (Hjelm et al., 2019):
-    E_pos[softplus(-T)] + E_neg[softplus(T)], the diagonal of (B, B) scores the positives."""
+    E_pos[softplus(-T)] + E_neg[softplus(T)], the diagonal of (B, B) scores the positives.
+    The negatives' mean is a masked sum (boolean indexing would make the host wait)."""
+    scores = scores.float()
     b = scores.shape[0]
+    positive = F.softplus(-scores.diagonal()).mean()
+    if b == 1:
+        return positive + scores.new_zeros(())
     eye = torch.eye(b, dtype=torch.bool, device=scores.device)
-    positive = F.softplus(-scores[eye]).mean()
-    negative = F.softplus(scores[~eye]).mean() if b > 1 else scores.new_zeros(())
+    negative = F.softplus(scores).masked_fill(eye, 0.0).sum() / (b * (b - 1))
     return positive + negative

@@ -12,11 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.loader import Batch
+from data_pipeline.loader import Batch, ModalityInput, host_to_device
 from data_pipeline.presets import MODALITIES
 from data_pipeline.schema import DataSpec
 
@@ -74,11 +75,11 @@ class HyperModality(nn.Module):
     def forward(self, h_d_list, h_a, h_v) -> tuple[torch.Tensor, torch.Tensor]:
         """-> H_hyper (B, T, d) and the mean |delta| over layers (the sparsity term)."""
         h_hyper = self.hyper_tokens.expand(h_a.shape[0], -1, -1)
-        shift = h_a.new_zeros(())
+        shift = h_a.new_zeros((), dtype=torch.float32)  # a loss term: fp32 under fp16/bf16 too
         for layer, h_d in zip(self.layers, h_d_list):
             delta = layer(h_d, h_a, h_v)
             h_hyper = h_hyper + delta
-            shift = shift + delta.abs().mean()
+            shift = shift + delta.abs().mean(dtype=torch.float32)
         return h_hyper, shift / len(self.layers)
 
 
@@ -183,13 +184,22 @@ class LNLN(nn.Module):
         h, h_complete = {}, {}
         for m in MODALITIES:
             observed, complete, mask = self._inputs(batch, m)
+            x = batch.modality(m)
             if not with_complete:
-                h[m] = self._encode_once(m, batch.modality(m).keep, observed, mask)
+                h[m] = self._encode_once(m, x, observed, mask)
                 continue
-            b = observed.shape[0]
-            changed = (observed != complete).flatten(1).any(dim=1).nonzero().squeeze(1)  # (k,)
+            b, lengths = observed.shape[0], x.lengths
+            if x.keep_host is not None and lengths is not None:
+                # Rows where keep differs from valid (a superset of the rows whose values
+                # changed; encoding an unchanged row twice is exact too), found on the host.
+                rows = np.flatnonzero(x.keep_host.sum(axis=1) != lengths)
+                changed = host_to_device(rows, observed.device)  # (k,)
+                lengths = np.concatenate([lengths, lengths[rows]])
+            else:  # a batch without host masks: find them on the device (a host sync)
+                changed = (observed != complete).flatten(1).any(dim=1).nonzero().squeeze(1)  # (k,)
+                lengths = None
             both = self._encode(m, torch.cat([observed, complete.index_select(0, changed)]),
-                                torch.cat([mask, mask.index_select(0, changed)]))  # (B + k, T, d)
+                                torch.cat([mask, mask.index_select(0, changed)]), lengths)  # (B + k, T, d)
             h[m] = both[:b]
             h_complete[m] = both[:b].index_copy(0, changed, both[b:])
         return h, h_complete
@@ -207,13 +217,14 @@ class LNLN(nn.Module):
         finally:
             self._encodings = None
 
-    def _encode_once(self, m: str, keep: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _encode_once(self, m: str, x: ModalityInput, observed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self._encodings is None or self.training:
-            return self._encode(m, observed, mask)
-        key = (m, keep.cpu().numpy().tobytes())
+            return self._encode(m, observed, mask, x.lengths)
+        keep = x.keep_host if x.keep_host is not None else x.keep.cpu().numpy()  # host copy: no sync
+        key = (m, keep.tobytes())
         encoded = self._encodings.get(key)
         if encoded is None:  # two threads may both miss: same result, computed twice
-            encoded = self._encodings[key] = self._encode(m, observed, mask)
+            encoded = self._encodings[key] = self._encode(m, observed, mask, x.lengths)
         return encoded
 
     def _inputs(self, batch: Batch, m: str):
@@ -225,10 +236,12 @@ class LNLN(nn.Module):
         # Dropped positions are zeros but stay attended (missing.md); only padding is masked.
         return x.observed, x.complete, x.valid
 
-    def _encode(self, m: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _encode(self, m: str, x: torch.Tensor, mask: torch.Tensor, lengths: np.ndarray | None = None) -> torch.Tensor:
+        """lengths: host valid lengths of the rows (the BERT attention mask is their prefix mask
+        too: MMSA text lengths are its sums), so the encoder plans its groups on the host."""
         if m == "text" and self.bert is not None:
             x = self.bert(input_ids=x[:, 0], attention_mask=x[:, 1], token_type_ids=x[:, 2]).last_hidden_state
-        return self.embeddings[m](x, mask)
+        return self.embeddings[m](x, mask, lengths)
 
     def discriminator_parameters(self):
         return self.discriminator.parameters()
@@ -242,17 +255,17 @@ class LNLN(nn.Module):
     def _discriminator_ce(logits: torch.Tensor) -> torch.Tensor:
         # First half of the rows are H_D tokens (label 1), second half complete H_L (label 0).
         half = logits.shape[0] // 2 * logits.shape[1]
-        target = torch.cat([torch.ones(half, dtype=torch.long), torch.zeros(half, dtype=torch.long)])
-        return F.cross_entropy(logits.flatten(0, 1), target.to(logits.device))
+        target = (torch.arange(2 * half, device=logits.device) < half).long()  # made on the logits' device
+        return F.cross_entropy(logits.flatten(0, 1).float(), target)
 
     def losses(self, outputs: dict, batch: Batch, progress: float = 0.0) -> dict[str, torch.Tensor]:
         """The unweighted terms named in LOSS_TERMS (scalars); the trainer weights them. Outside
         training mode the adversarial and reconstruction terms are 0."""
-        pred = outputs["prediction"]
-        label = batch.label.to(pred.dtype)
+        # Every term in fp32 (fp16/bf16 models give half outputs); labels are never rounded.
+        pred, label = outputs["prediction"].float(), batch.label.float()
         task = F.mse_loss(pred, label) if self.task_loss == "mse" else F.l1_loss(pred, label)
-        w = outputs["completeness"].squeeze(-1)  # (B,)
-        completeness = F.mse_loss(w, 1.0 - batch.text_missing_fraction.to(w.dtype))
+        w = outputs["completeness"].squeeze(-1).float()  # (B,)
+        completeness = F.mse_loss(w, 1.0 - batch.text_missing_fraction.float())
         adversarial = reconstruction = pred.new_zeros(())
         logits = outputs.get("discriminator_logits")
         if logits is not None:
@@ -264,12 +277,12 @@ class LNLN(nn.Module):
                 target_m = outputs["complete_features"][m]
                 if self.detach_reconstruction_target:
                     target_m = target_m.detach()
-                terms.append(F.mse_loss(outputs["reconstructed"][m], target_m))
+                terms.append(F.mse_loss(outputs["reconstructed"][m].float(), target_m.float()))
             reconstruction = torch.stack(terms).mean()
         # Sparsity: L1 of the hyper-modality updates. (L1 of softmax attention weights is
         # constant, each row sums to 1, so it could not steer anything.)
         return {"task": task, "completeness": completeness, "adversarial": adversarial,
-                "reconstruction": reconstruction, "sparsity": outputs["hyper_shift"]}
+                "reconstruction": reconstruction, "sparsity": outputs["hyper_shift"].float()}
 
 
 def _load_bert(cfg: ModelConfig, spec: DataSpec) -> nn.Module:

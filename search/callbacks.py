@@ -21,6 +21,7 @@ from ray.train import UserCallback
 from .config import ExperimentConfig
 from .layout import Layout
 from .results import ResultsStore, RunInfo, reported_results
+from .shared_data import DATA_PRIVATE_MB
 
 
 class TrainResultsCallback(UserCallback):
@@ -39,6 +40,8 @@ class TrainResultsCallback(UserCallback):
         line = {"epoch": epoch, "robust_f1": report["robust_f1"], "objective": report["objective"],
                 "checkpoint": checkpoint is not None,
                 **{k: v for k, v in report.items() if k.startswith(("mask_fingerprint/", "time/"))},
+                # Every rank's, to see that ranks on a node share one copy of the data.
+                DATA_PRIVATE_MB: [m.get(DATA_PRIVATE_MB) for m in metrics],
                 "losses": {k.split("/", 1)[1]: v for k, v in report.items() if k.startswith("loss/")}}
         with self.layout.epoch_log.open("a") as fh:
             fh.write(json.dumps(line) + "\n")

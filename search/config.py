@@ -45,11 +45,21 @@ class TrainConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)  # fractional on a small box
     engine: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: int = Field(0, ge=0, le=3)
+    # bf16: autocast on every path (in-process, DDP, DeepSpeed's torch_autocast): fp32 weights,
+    # gradients, labels and losses. fp16: DeepSpeed's fp16 engine (half weights, dynamic loss
+    # scaling), GPU and train.workers >= 1 only.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1111
     checkpoint_every: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=0)  # worker failures Ray Train recovers from (from the last checkpoint)
+    # auto: GPUs where the cluster (or, without Ray, this process) has them. The driver decides
+    # once (search/devices.py); trials and workers use the GPU Ray assigns them.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CUDA only: TF32 matmuls (several times the fp32 rate on Ampere+, ~1e-3 relative error).
+    tf32: bool = False
+    # Bit-for-bit repeatable GPU runs (deterministic kernels, attention on SDPA's math
+    # kernel): several times slower attention. CPU runs repeat without it.
+    deterministic: bool = False
     # CPU threads of in-process training (0 = torch's default). Thread count changes float
     # summation order, so reproducing a number exactly needs the same count.
     threads: int = Field(0, ge=0)
@@ -83,6 +93,9 @@ class SearchConfig(BaseModel):
     seed: int = 0
     max_failures: int = Field(0, ge=0)
     cpus_per_trial: float = Field(1.0, gt=0)  # train.workers = 0: the trial's own CPUs
+    # train.workers = 0: the GPU share Ray reserves per trial (0.25: four trials share a GPU).
+    # None = auto: 1 where the cluster has GPUs and train.device is not cpu, else 0.
+    gpus_per_trial: float | None = Field(None, ge=0)
     # Test hook: the trial that starts n-th (0-based) gets train.inject_nan (its loss is NaN).
     nan_trial: int | None = None
     # Overrides of the model's registry search space, e.g. {"train.lr": {"loguniform": [1e-5, 1e-3]}}.
@@ -94,6 +107,13 @@ class SearchConfig(BaseModel):
         if len(names) == 1:
             raise ValueError("give two or more objectives for a multi-objective search (or use search.objective)")
         return names
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _gpu_share(cls, share: float | None) -> float | None:
+        if share is not None and share > 1 and share != int(share):
+            raise ValueError("Ray shares a GPU only in fractions below 1; above 1 give a whole number of GPUs")
+        return share
 
     @field_validator("objective_patterns")
     @classmethod
@@ -173,13 +193,21 @@ class ExperimentConfig(BaseModel):
                     raise ValueError(f"config key '{key}': {exc}") from None
 
     def _check_distributed(self) -> None:
-        """What Ray Train workers (train.workers >= 1) cannot do, said before anything starts."""
+        """What Ray Train workers (train.workers >= 1), or in-process training, cannot do,
+        said before anything starts (what depends on the machine: search/devices.py)."""
         train = self.train
         if train.workers == 0:
+            if train.precision == "fp16":
+                raise ValueError("config key 'train.precision': fp16 needs train.workers >= 1 with train.engine: "
+                                 "deepspeed (its loss scaling); in-process training takes bf16 (autocast) or fp32")
             return
-        if train.precision != "fp32" and train.engine == "ddp":
-            raise ValueError(f"config key 'train.precision': {train.precision} needs train.engine: deepspeed; "
-                             "the ddp engine trains in fp32")
+        if self.search.gpus_per_trial:
+            raise ValueError(f"config key 'search.gpus_per_trial': for in-process trials (train.workers: 0) only "
+                             f"(got {self.search.gpus_per_trial:g} with train.workers: {train.workers}); "
+                             "Ray Train workers take one GPU each")
+        if train.precision == "fp16" and train.engine == "ddp":
+            raise ValueError("config key 'train.precision': fp16 needs train.engine: deepspeed (loss scaling); "
+                             "the ddp engine takes bf16 (autocast) or fp32")
         if train.zero_stage and train.engine == "ddp":
             raise ValueError(f"config key 'train.zero_stage': ZeRO needs train.engine: deepspeed "
                              f"(got {train.zero_stage} with ddp)")

@@ -19,15 +19,10 @@ from data_pipeline.source import prepare_store
 
 from .config import ExperimentConfig, load_config
 from .layout import Layout
-from .ray_setup import ensure_ray, torch_trainer, uses_gpu
-from .run import prepare_run_dir
-
-
-def check_distributed_config(cfg: ExperimentConfig) -> None:
-    """What depends on this machine (the config's own consistency is ExperimentConfig's)."""
-    if cfg.train.precision == "fp16" and not uses_gpu(cfg):
-        raise MsaSearchError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
-                             "use bf16 or fp32 on CPU")
+from .devices import place, visible_gpus
+from .ray_setup import cluster_of, ensure_ray, torch_trainer
+from .run import check_new_run_dir, prepare_run_dir
+from .shared_data import share_splits
 
 
 def cpu_layout_hint(cfg: ExperimentConfig, gpu: bool) -> str | None:
@@ -56,17 +51,23 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
         layout = Layout(Path(cfg.output.dir).resolve())
     if cfg.train.workers < 1:
         raise MsaSearchError("train.workers must be >= 1 for a distributed run")
-    check_distributed_config(cfg)
+    if resume_dir is None:
+        check_new_run_dir(layout.root)
+    # Decided before anything is written: a refusal leaves no half-made run directory.
+    placement = place(cfg, cluster_of(ray_address), visible_gpus())
     if resume_dir is None:
         prepare_run_dir(layout.root)
-        layout.config.write_text(cfg.to_yaml())
+        layout.config.write_text(cfg.to_yaml())  # as written: a resume may run on another cluster
     store = prepare_store(cfg.data, layout.data)
-    hint = cpu_layout_hint(cfg, uses_gpu(cfg))
+    ensure_ray(ray_address)
+    for line in placement.warnings:
+        console.print(line, highlight=False)
+    cfg = placement.apply(cfg)  # the workers' config: train.device cpu or cuda
+    hint = cpu_layout_hint(cfg, placement.use_gpu)
     if hint:
         console.print(hint, highlight=False)
-    ensure_ray(ray_address)
     run_id = layout.root.name
-    trainer = torch_trainer(cfg, store=store, name="train", storage_path=layout.checkpoints,
+    trainer = torch_trainer(cfg, data=share_splits(store), name="train", storage_path=layout.checkpoints,
                             checkpoint_key=hashlib.blake2b(str(layout.root).encode(), digest_size=6).hexdigest(),
                             callbacks=[TrainResultsCallback(layout.root, run_id, cfg)])
     stop = threading.Event()

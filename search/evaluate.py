@@ -2,7 +2,9 @@
 
 The split is read once; each chunk of rows is gathered once and every pattern's masks are
 applied to it in turn, so a 16-pattern grid costs 16 forward passes per chunk and nothing
-more (no reload, no re-gather, no complete-input branch: the model runs in eval mode).
+more (no reload, no re-gather, no complete-input branch: the model runs in eval mode, and
+the batches carry no complete features). Predictions stay on the device until the whole
+shard is done: one copy to the host per call, the only time the host waits for the device.
 """
 from __future__ import annotations
 
@@ -38,9 +40,12 @@ class ShardPredictions:
 @torch.no_grad()
 def predict_patterns(model: nn.Module, data: SplitTensors, patterns: list[Pattern], *, seed: int,
                      batch_size: int = 256, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                     rank: int = 0, world_size: int = 1, streams: int = 1,
+                     autocast: torch.dtype | None = None, rank: int = 0, world_size: int = 1, streams: int = 1,
                      reuse_encodings: bool = True) -> ShardPredictions:
     """Predictions for every pattern on this rank's rows.
+
+    Batches are built on `device` with features cast to `dtype` (an fp16/bf16 engine's
+    weights); `autocast` runs each forward under `torch.autocast` at that dtype.
 
     With world_size > 1 every rank runs the same number of forward passes (shards are
     padded), as ZeRO-3's collective parameter gathering requires. `streams` > 1 (CPU, one
@@ -53,27 +58,33 @@ def predict_patterns(model: nn.Module, data: SplitTensors, patterns: list[Patter
     reuse = getattr(getattr(model, "module", model), "reuse_encodings", None) if reuse_encodings else None
     was_training = model.training
     model.eval()
+    device = torch.device(device)
     shards = batch_rows(len(data), batch_size, shuffle=False, seed=0, epoch=0, rank=rank, world_size=world_size)
     rows_all = np.concatenate(shards) if shards else np.zeros(0, dtype=np.int64)
-    preds = np.empty((len(patterns), len(rows_all)), dtype=np.float64)
     digests = np.empty((len(patterns), len(rows_all)), dtype=np.uint64)
+    chunks: list[torch.Tensor] = []  # (P, n) per chunk, on the device
     try:
         offset = 0
         for rows in shards:
-            gathered = gather(data, rows)
+            gathered = gather(data, rows, device)
 
-            def predict(pattern: Pattern) -> tuple[np.ndarray, np.ndarray]:
-                batch = apply_missing(gathered, pattern, seed=seed)
-                with torch.no_grad():  # grad mode is per thread
-                    out = model(batch.to(device, dtype=dtype))["prediction"].reshape(-1)
-                return mask_digest(batch), out.float().cpu().numpy()
+            def predict(pattern: Pattern) -> tuple[np.ndarray, torch.Tensor]:
+                batch = apply_missing(gathered, pattern, seed=seed, dtype=dtype, with_complete=False)
+                # Grad mode and autocast are per thread: entered here, where the pattern runs.
+                cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+                with torch.no_grad(), cast:
+                    out = model(batch)["prediction"].reshape(-1)
+                return mask_digest(batch), out.float()
 
             with reuse() if reuse is not None else nullcontext():
                 predicted = parallel_map(predict, patterns, streams)
-            for i, (digest, pred) in enumerate(predicted):
+            for i, (digest, _) in enumerate(predicted):
                 digests[i, offset:offset + len(rows)] = digest
-                preds[i, offset:offset + len(rows)] = pred
+            if predicted:
+                chunks.append(torch.stack([pred for _, pred in predicted]))
             offset += len(rows)
+        preds = (torch.cat(chunks, dim=1).cpu().numpy().astype(np.float64) if chunks  # the one host sync
+                 else np.empty((len(patterns), len(rows_all)), dtype=np.float64))
     finally:
         model.train(was_training)
     return ShardPredictions(preds, rows_all, digests)
@@ -85,7 +96,8 @@ def mask_digest(batch: Batch) -> np.ndarray:
     total = np.zeros(len(batch), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for i, m in enumerate(MODALITIES):
-            keep = batch.modality(m).keep.numpy()
+            x = batch.modality(m)
+            keep = x.keep_host if x.keep_host is not None else x.keep.cpu().numpy()  # the host copy: no sync
             weights = np.random.default_rng([20261124, i, keep.shape[1]]).integers(
                 1, 2**63, keep.shape[1], dtype=np.uint64)
             total += (keep.astype(np.uint64) * weights[None, :]).sum(axis=1, dtype=np.uint64)
@@ -110,12 +122,14 @@ def scatter_rows(n: int, preds: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def pattern_metrics(preds: np.ndarray, data: SplitTensors, patterns: list[Pattern]) -> PatternMetrics:
     """The metrics of (P, N) whole-split predictions, one entry per pattern."""
-    rows = msa_metrics_grouped(preds, data.labels.numpy(), metrics_family(data.spec.name))
+    rows = msa_metrics_grouped(preds, data.labels.cpu().numpy(), metrics_family(data.spec.name))
     return {p.name: m for p, m in zip(patterns, rows)}
 
 
 def evaluate_patterns(model: nn.Module, data: SplitTensors, patterns: list[Pattern], *, seed: int,
-                      batch_size: int = 256, device: torch.device | str = "cpu", streams: int = 1) -> PatternMetrics:
+                      batch_size: int = 256, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                      autocast: torch.dtype | None = None, streams: int = 1) -> PatternMetrics:
     """The metrics of every pattern, in the order of `patterns`. `seed` is the mask seed."""
-    shard = predict_patterns(model, data, patterns, seed=seed, batch_size=batch_size, device=device, streams=streams)
+    shard = predict_patterns(model, data, patterns, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+                             autocast=autocast, streams=streams)
     return pattern_metrics(scatter_rows(len(data), shard.preds, shard.rows), data, patterns)

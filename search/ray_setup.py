@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .config import ExperimentConfig
+from .devices import Cluster, ray_cluster, visible_gpus
+from .shared_data import SharedSplits
 
 # Ray starts its worker processes at niceness 15 so that its own daemons stay responsive.
 # A training worker then loses the CPU to every raylet/GCS/dashboard wake-up, and its
@@ -39,25 +39,36 @@ def ensure_ray(address: str | None) -> None:
         ray.init(address="local", log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
 
 
-def uses_gpu(cfg: ExperimentConfig) -> bool:
-    return torch.cuda.is_available() and cfg.train.device != "cpu"
+def cluster_of(address: str | None) -> Cluster:
+    """The cluster trials will run on. A private local cluster (no address, Ray not up yet)
+    will hold this machine's GPUs, so the device decision, and any refusal, comes before Ray
+    starts; a cluster to join is asked once the driver has joined it."""
+    import ray
+
+    if address or ray.is_initialized():
+        ensure_ray(address)
+        return ray_cluster(joined=bool(address))
+    return Cluster(float(visible_gpus()), joined=False)
 
 
-def torch_trainer(cfg: ExperimentConfig, *, store: Path, checkpoint_key: str, storage_path: Path, name: str,
+def torch_trainer(cfg: ExperimentConfig, *, data: SharedSplits, checkpoint_key: str, storage_path: Path, name: str,
                   callbacks: list):
-    """A TorchTrainer of `train.workers` workers running search/worker.py on `store`.
+    """A TorchTrainer of `train.workers` workers running search/worker.py on the shared splits `data`.
 
-    `checkpoint_key` names the node-local checkpoint staging directories (unique per run);
+    `cfg` is the driver's placed config (search/devices.py): train.device is cpu or cuda, and
+    with cuda each worker gets one GPU from Ray and NCCL. `checkpoint_key` names the node-local checkpoint staging directories (unique per run);
     Ray Train keeps its checkpoints under `storage_path/name`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .worker import worker_loop
 
-    gpu = uses_gpu(cfg)
+    if cfg.train.device not in ("cpu", "cuda"):
+        raise ValueError(f"torch_trainer needs a placed config (train.device cpu or cuda, got {cfg.train.device})")
+    gpu = cfg.train.device == "cuda"
     return TorchTrainer(
         worker_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "store": str(store),
+        train_loop_config={"config": cfg.model_dump(mode="json"), "data": data,
                            "checkpoint_key": checkpoint_key},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu,

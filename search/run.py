@@ -19,12 +19,17 @@ from data_pipeline.source import prepare_store
 from .config import ExperimentConfig
 from .layout import Layout
 from .results import EpochReport, ResultsStore, RunInfo
-from .trainer import TrainState, checkpoint_due, fit, resolve_device, save_state
+from .devices import place, visible_gpus
+from .trainer import TrainState, checkpoint_due, fit, save_state
+
+
+def check_new_run_dir(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise MsaSearchError(f"{out}: run directory exists and is not empty; set output.dir to a new directory")
 
 
 def prepare_run_dir(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise MsaSearchError(f"{out}: run directory exists and is not empty; set output.dir to a new directory")
+    check_new_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -36,7 +41,7 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
     run = RunInfo.of(layout.root.name, run_id or layout.root.name, cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = torch.device("cuda" if place(cfg, None, visible_gpus()).use_gpu else "cpu")
     splits = load_splits(prepare_store(cfg.data, layout.data))
     store = ResultsStore(layout.results)
     layout.checkpoints.mkdir(exist_ok=True)

@@ -7,8 +7,10 @@ The in-process run, Tune trials and the Ray Train workers all run `train_epoch`.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,11 +20,12 @@ import torch
 from torch import nn
 
 from data_pipeline.errors import MsaSearchError
-from data_pipeline.loader import SplitTensors, batch_rows, make_batch
+from data_pipeline.loader import SplitTensors, batch_rows, make_batch, stage_splits
 from models.entry import ModelEntry
 from models.registry import get_model
 
 from .config import ExperimentConfig
+from .devices import configure_torch
 from .evaluate import evaluate_patterns
 from .objective import objective_value
 from .optim import DeepSpeedStep, OptimizerStep, build_lr_schedule, build_optimizer, closes_group
@@ -65,7 +68,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def autocast_dtype(cfg: ExperimentConfig) -> torch.dtype | None:
+    """`train.precision: bf16` runs forward passes under bf16 autocast on every path (weights,
+    gradients, labels and losses stay fp32); fp16 is DeepSpeed's engine, which casts the weights."""
+    return torch.bfloat16 if cfg.train.precision == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The forward pass's autocast context (thread-local: enter it in the thread that runs)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype batches are cast to: the weights' (half under DeepSpeed fp16, else fp32)."""
+    return next(unwrap(model).parameters()).dtype
+
+
 def build_state(cfg: ExperimentConfig, train: SplitTensors, device: torch.device, world_size: int = 1) -> TrainState:
+    configure_torch(cfg, device)
     seed_everything(cfg.train.seed)
     entry = get_model(cfg.model.name)
     weights = entry.loss_weights(cfg.model.loss_weights)
@@ -86,9 +106,10 @@ def save_state(state: TrainState, path: Path) -> None:
     tmp.replace(path)
 
 
-def load_state(state: TrainState, path: Path) -> None:
-    """Restore what `save_state` wrote; training continues at the saved next epoch."""
-    saved = torch.load(path, weights_only=False)
+def load_state(state: TrainState, path: Path, device: torch.device) -> None:
+    """Restore what `save_state` wrote onto `device` (a GPU checkpoint resumes on a CPU node,
+    and each rank loads onto its own GPU); training continues at the saved next epoch."""
+    saved = torch.load(path, map_location=device, weights_only=False)
     unwrap(state.model).load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -109,11 +130,14 @@ def epoch_weights(state: TrainState, cfg: ExperimentConfig, epoch: int) -> dict[
 
 def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, device: torch.device, *,
                 rank: int = 0, world_size: int = 1, on_step: Callable[[int, int, dict], None] | None = None,
-                step: OptimizerStep | DeepSpeedStep | None = None, dtype: torch.dtype | None = None) -> dict[str, float]:
+                step: OptimizerStep | DeepSpeedStep | None = None, dtype: torch.dtype | None = None,
+                autocast_to: torch.dtype | None = None) -> dict[str, float]:
     """One epoch over this rank's shard. Returns the mean of each loss term and of the total.
 
     `step` is the optimizer step (search/optim.py; default: the in-process one); `dtype`
-    casts the batch's floating tensors (bf16 engines hold bf16 weights).
+    casts the batch's features (DeepSpeed fp16 holds half weights; labels stay fp32);
+    `autocast_to` runs each forward under autocast (bf16). A step makes one host sync: the
+    stacked loss values, read once for the epoch's means and the divergence check.
     """
     epoch, model = state.epoch, state.model
     core = unwrap(model)  # the model's own methods (losses); wrappers only run forward
@@ -130,18 +154,22 @@ def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, d
     for i, rows in enumerate(batches):
         closes = closes_group(i, len(batches), cfg.train.grad_accum)
         step.begin(closes)
-        batch = make_batch(train, rows, training_missing, seed=cfg.missing.seed, epoch=epoch).to(device, dtype=dtype)
+        batch = make_batch(train, rows, training_missing, seed=cfg.missing.seed, epoch=epoch, device=device,
+                           dtype=dtype)
         progress = (epoch + i / len(batches)) / cfg.train.epochs
         outputs, terms, total = forward_backward(model, core, batch, weights, progress, chunks=chunks,
-                                                 scale=step.loss_scale, inject_nan=cfg.train.inject_nan)
-        if not torch.isfinite(total):  # before any optimizer step
-            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            raise TrainingDiverged(f"loss is {total.item()} at epoch {epoch} step {i} ({detail})")
+                                                 scale=step.loss_scale, inject_nan=cfg.train.inject_nan,
+                                                 autocast_to=autocast_to)
+        # The step's one host sync: every logged value in one copy (each float() would be one).
+        values = dict(zip([*terms, "total"], torch.stack([*(v.detach() for v in terms.values()), total.detach()])
+                          .float().tolist()))
+        if not math.isfinite(values["total"]):  # before any optimizer step
+            detail = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "total")
+            raise TrainingDiverged(f"loss is {values['total']} at epoch {epoch} step {i} ({detail})")
         step(total, closes)
         extra_discriminator_steps(state, cfg, outputs)
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
-        sums["total"] = sums.get("total", 0.0) + float(total.detach())
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + value
         if on_step is not None:
             on_step(i + 1, len(batches), {k: v / (i + 1) for k, v in sums.items()})
     return {k: v / len(batches) for k, v in sums.items()}
@@ -149,14 +177,18 @@ def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, d
 
 def forward_backward(model: nn.Module, core: nn.Module, batch, weights: dict[str, float], progress: float, *,
                      chunks: int = 1, scale: float | None = 1.0, inject_nan: bool = False,
+                     autocast_to: torch.dtype | None = None,
                      ) -> tuple[dict | None, dict[str, torch.Tensor], torch.Tensor]:
     """One batch's outputs, loss terms and weighted total; with `scale`, also adds
     `scale * d(total)` to the gradients (None: the caller's engine runs backward). With
     `chunks` > 1 the rows run in parallel chunks (search/row_parallel.py) and the outputs,
-    which no single chunk has, are None."""
+    which no single chunk has, are None. With `autocast_to` the forward and the losses run under
+    autocast (entered here: chunks run in threads, and autocast state is per thread); losses
+    read some outputs through modules (HRLF's decoders), and compute their arithmetic in fp32."""
     def batch_loss(part) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor]:
-        outputs = model(part, progress=progress)
-        terms = core.losses(outputs, part, progress)
+        with autocast(part.label.device, autocast_to):
+            outputs = model(part, progress=progress)
+            terms = core.losses(outputs, part, progress)
         # Terms outside `weights` (a model's LOGGED_TERMS, e.g. HRLF's FRF sub-terms) are logged, not trained.
         total = sum(weights[name] * value for name, value in terms.items() if name in weights)
         return outputs, terms, total * float("nan") if inject_nan else total
@@ -185,10 +217,12 @@ def extra_discriminator_steps(state: TrainState, cfg: ExperimentConfig, outputs:
 
 def evaluate_epoch(model: nn.Module, cfg: ExperimentConfig, splits: dict[str, SplitTensors],
                    device: torch.device) -> EpochResults:
+    """Every pattern's metrics on each split, in the training precision (in-process models)."""
     patterns = cfg.missing.patterns()
     streams = eval_streams(cfg, device) if unwrap(model) is model else 1
     return {name: evaluate_patterns(model, data, patterns, seed=cfg.missing.seed,
-                                    batch_size=max(cfg.train.batch_size, 128), device=device, streams=streams)
+                                    batch_size=max(cfg.train.batch_size, 128), device=device, streams=streams,
+                                    dtype=param_dtype(model), autocast=autocast_dtype(cfg))
             for name, data in splits.items()}
 
 
@@ -205,10 +239,11 @@ def fit(cfg: ExperimentConfig, splits: dict[str, SplitTensors], *, device: torch
     test over the grid after every epoch."""
     device = device or resolve_device(cfg.train.device)
     state = state or build_state(cfg, splits["train"], device)
+    splits = stage_splits(splits, device)  # on the GPU where they fit, else pinned
     evaluated = {k: v for k, v in splits.items() if k in ("valid", "test")}
     while state.epoch < cfg.train.epochs:
         start = time.perf_counter()
-        losses = train_epoch(state, cfg, splits["train"], device, on_step=on_step)
+        losses = train_epoch(state, cfg, splits["train"], device, on_step=on_step, autocast_to=autocast_dtype(cfg))
         mid = time.perf_counter()
         results = evaluate_epoch(state.model, cfg, evaluated, device)
         report = EpochReport(state.epoch, losses, results, search_objective(results, cfg), mid - start,

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.loader import load_splits
-
 from .config import TRIAL_CONTEXT, ExperimentConfig
 from .layout import Layout
 from .ray_setup import torch_trainer
 from .results import EpochReport, epoch_metrics
+from .shared_data import DATA_PRIVATE_MB, SharedSplits
 from .trainer import TrainState, build_state, checkpoint_due, fit, load_state, resolve_device, save_state
 
 STATE_FILE = "state.pt"  # inside a Tune checkpoint of an in-process trial
@@ -47,22 +46,25 @@ def _claim_start_index(layout: Layout) -> int:
             n += 1
 
 
-def in_process_trial(params: dict, base: dict, store: str) -> None:
+def in_process_trial(params: dict, base: dict, data: SharedSplits) -> None:
     """train.workers = 0: train in this Tune process, report (and checkpoint) every epoch."""
     from ray import tune
 
     cfg = trial_config(params, base)
     torch.set_num_threads(cfg.train.threads or max(1, int(cfg.search.cpus_per_trial)))
-    splits = load_splits(store)
+    splits, data_mb = data.load_measured()  # the node's one copy in the object store, not copied
+    # The driver placed the trial (search/devices.py): cuda means Ray reserved a GPU share for
+    # it and made that GPU the only one this process sees; cpu means no GPU, even where the
+    # node has some (Ray leaves them visible to a trial that asked for none).
     device = resolve_device(cfg.train.device)
     state = build_state(cfg, splits["train"], device)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt:
-            load_state(state, Path(ckpt) / STATE_FILE)
+            load_state(state, Path(ckpt) / STATE_FILE, device)
 
     def on_epoch(state: TrainState, report: EpochReport) -> None:
-        metrics = epoch_metrics(report, cfg.search)
+        metrics = {**epoch_metrics(report, cfg.search), DATA_PRIVATE_MB: data_mb}
         if checkpoint_due(state, cfg):
             with tempfile.TemporaryDirectory() as ckpt:
                 save_state(state, Path(ckpt) / STATE_FILE)
@@ -73,13 +75,13 @@ def in_process_trial(params: dict, base: dict, store: str) -> None:
     fit(cfg, splits, device=device, state=state, on_epoch=on_epoch)
 
 
-def distributed_trial(params: dict, base: dict, store: str) -> None:
+def distributed_trial(params: dict, base: dict, data: SharedSplits) -> None:
     """train.workers >= 1: a nested Ray Train run per trial."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(params, base)
     trial_id = tune.get_context().get_trial_id()
-    torch_trainer(cfg, store=Path(store), checkpoint_key=trial_id, name=trial_id,
+    torch_trainer(cfg, data=data, checkpoint_key=trial_id, name=trial_id,
                   storage_path=Layout(Path(cfg.output.dir)).nested_trials,
                   callbacks=[TuneReportCallback()]).fit()

@@ -8,6 +8,7 @@ experiment with `Tuner.restore` and the same Optuna study.
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,11 @@ from data_pipeline.errors import MsaSearchError
 from data_pipeline.source import prepare_store
 
 from .config import ExperimentConfig, load_config
+from .devices import place, visible_gpus
 from .layout import Layout
 from .objective import OBJECTIVE
-from .ray_setup import ensure_ray
+from .ray_setup import cluster_of, ensure_ray
+from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
 from .strategy import scheduler, searcher, trial_epoch_budget
 from .trials import distributed_trial, in_process_trial
@@ -37,7 +40,8 @@ class SearchOutcome:
 
 def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = None,
                    ray_address: str | None = None) -> SearchOutcome:
-    """Run (or resume) an experiment. Every error a config can cause is raised before Ray starts."""
+    """Run (or resume) an experiment. Every error a config can cause is raised before Ray starts
+    (on a cluster to join, the device decision's just after joining) and before anything is written."""
     from ray import tune
 
     if resume_dir is not None:
@@ -46,16 +50,20 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
         layout = _new_experiment(cfg)
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(layout.root)})})
     space = cfg.search_space()
-    if cfg.train.workers >= 1:
-        from .distributed import check_distributed_config
-        check_distributed_config(cfg)
+    # Decided before anything is written: a refusal leaves no half-made experiment directory.
+    placement = place(cfg, cluster_of(ray_address), visible_gpus(), tune=True)
     layout.root.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
+        # config.yaml keeps train.device as written (a resume may run on another cluster).
         layout.config.write_text(cfg.to_yaml())
         layout.space.write_text(json.dumps(space_to_data(space), indent=2) + "\n")
     store = prepare_store(cfg.data, layout.data)
     ensure_ray(ray_address)
-    trainable = _trainable(cfg, store)
+    for line in placement.warnings:
+        warn(line)
+    cfg = placement.apply(cfg)
+    # One read-only copy of the splits per node, in Ray's object store (search/shared_data.py).
+    trainable = _trainable(cfg, share_splits(store))
     if resume_dir is not None:
         # Ray keeps the run config, our callbacks included, in the experiment's state.
         tuner = tune.Tuner.restore(str(layout.tune_state), trainable=trainable, resume_unfinished=True,
@@ -63,6 +71,10 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
     else:
         tuner = _new_tuner(cfg, layout, space, trainable)
     return _outcome(layout, cfg, tuner.fit())
+
+
+def warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _new_tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable):
@@ -116,17 +128,21 @@ def _experiment_to_resume(exp_dir: Path) -> tuple[Layout, ExperimentConfig]:
     return layout, cfg
 
 
-def _trainable(cfg: ExperimentConfig, store: Path):
+def _trainable(cfg: ExperimentConfig, data: SharedSplits):
     from ray import tune
 
     base = cfg.model_dump(mode="json")
     if cfg.search.scheduler == "pbt":
         base["train"]["checkpoint_every"] = 1  # PBT exploits through per-epoch checkpoints
+    fn = in_process_trial if cfg.train.workers == 0 else distributed_trial
+    return tune.with_resources(tune.with_parameters(fn, base=base, data=data), trial_resources(cfg))
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What Ray reserves for a trial of the placed config (search/devices.py)."""
     if cfg.train.workers == 0:
-        fn, resources = in_process_trial, {"cpu": cfg.search.cpus_per_trial}
-    else:
-        fn, resources = distributed_trial, {"cpu": 0.01}  # the trial only drives its workers
-    return tune.with_resources(tune.with_parameters(fn, base=base, store=str(store)), resources)
+        return {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial}
+    return {"cpu": 0.01}  # the trial only drives its Ray Train workers, which take their own
 
 
 def _outcome(layout: Layout, cfg: ExperimentConfig, grid) -> SearchOutcome:

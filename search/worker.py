@@ -1,7 +1,7 @@
 """The Ray Train worker: the training loop of trainer.py under DeepSpeed (or DDP).
 
-Every rank reads the Parquet store itself (nothing large travels through the object
-store), trains on its shard, evaluates its shard of valid/test on every pattern, gathers
+Every rank maps the node's one read-only copy of the splits in Ray's object store
+(search/shared_data.py), trains on its shard, evaluates its shard of valid/test on every pattern, gathers
 the predictions, and reports metrics + per-pattern results + a checkpoint every epoch.
 """
 from __future__ import annotations
@@ -16,15 +16,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.loader import SplitTensors, load_splits
+from data_pipeline.loader import SplitTensors, stage_splits
 
 from .config import TRIAL_CONTEXT, ExperimentConfig
 from .evaluate import ShardPredictions, pattern_metrics, predict_patterns, scatter_rows, split_fingerprint
 from .optim import DeepSpeedStep, OptimizerStep
 from .results import EpochReport, EpochResults, epoch_metrics
+from .shared_data import DATA_PRIVATE_MB
 from .row_parallel import eval_streams
-from .trainer import (TrainState, build_state, checkpoint_due, load_state, resolve_device, save_state, search_objective,
-                      train_epoch, unwrap)
+from .trainer import (TrainState, autocast_dtype, build_state, checkpoint_due, load_state, param_dtype, save_state,
+                      search_objective, train_epoch, unwrap)
 
 CLIENT_STATE_FILE = "client_state.pt"  # DDP checkpoints: model/optimizer/scheduler + epoch
 EVALUATED_SPLITS = ("valid", "test")
@@ -32,32 +33,36 @@ EVALUATED_SPLITS = ("valid", "test")
 
 @dataclass(frozen=True)
 class Rank:
-    """Where this worker stands: its ranks, device and the dtype its batches are cast to."""
+    """Where this worker stands: its ranks and the device Ray assigned it."""
 
     rank: int
     local_rank: int
     world_size: int
     device: torch.device
-    dtype: torch.dtype | None  # bf16 engines hold bf16 weights
 
 
 def worker_loop(loop_config: dict) -> None:
     cfg = ExperimentConfig.model_validate(loop_config["config"], context=TRIAL_CONTEXT)  # checked by the driver
     me = _rank(cfg)
-    splits = load_splits(loop_config["store"])
+    splits, data_mb = loop_config["data"].load_measured()  # the node's one copy in the object store
     state = build_state(cfg, splits["train"], me.device, world_size=me.world_size)
     engine, step = setup_engine(state, cfg)
-    resume_from_checkpoint(state, engine)
+    resume_from_checkpoint(state, engine, me.device)
+    splits = stage_splits(splits, me.device)
+    # DeepSpeed's engine runs its forward under its own torch_autocast (deepspeed_config); the
+    # losses, outside the engine, need the same context (the engine's nested one matches it).
+    autocast_to = autocast_dtype(cfg)
     while state.epoch < cfg.train.epochs:
         started = time.perf_counter()
         losses = train_epoch(state, cfg, splits["train"], me.device, rank=me.rank, world_size=me.world_size,
-                             step=step, dtype=me.dtype)
+                             step=step, dtype=param_dtype(state.model), autocast_to=autocast_to)
         trained = time.perf_counter()
         results, fingerprints = evaluate_shard(state, engine, cfg, splits, me)
+        extra = {**fingerprints, DATA_PRIVATE_MB: data_mb}
         report = EpochReport(state.epoch, losses, results, search_objective(results, cfg), trained - started,
                              time.perf_counter() - trained)
         state.epoch += 1
-        report_epoch(state, engine, cfg, report, fingerprints, me, loop_config["checkpoint_key"])
+        report_epoch(state, engine, cfg, report, extra, me, loop_config["checkpoint_key"])
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         # ZeRO-3 otherwise sometimes aborts at interpreter exit (measured).
@@ -66,25 +71,30 @@ def worker_loop(loop_config: dict) -> None:
 
 def _rank(cfg: ExperimentConfig) -> Rank:
     import ray.train
+    import ray.train.torch
 
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", ctx.get_local_rank())
+    device = torch.device("cpu")
+    if cfg.train.device == "cuda":  # the driver's placement: Ray gave this worker a GPU
+        device = ray.train.torch.get_device()  # that GPU (not cuda:<local rank>: Ray may assign another)
         torch.cuda.set_device(device)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
-    return Rank(ctx.get_world_rank(), ctx.get_local_rank(), ctx.get_world_size(), device, dtype)
+    return Rank(ctx.get_world_rank(), ctx.get_local_rank(), ctx.get_world_size(), device)
 
 
 def deepspeed_config(cfg: ExperimentConfig) -> dict:
+    """bf16 is DeepSpeed's torch_autocast: fp32 weights and gradients, so gradients accumulate
+    and reduce in fp32 on every ZeRO stage (its bf16 mode holds bf16 weights, and at stage 0
+    cannot accumulate in fp32: 0.19.8 raises for grad_accum_dtype fp32) and the numbers match
+    in-process bf16. `lower_precision_safe_modules: []` keeps gradient communication in fp32
+    (by default Linear weights reduce in bf16). fp16 is its fp16 engine with loss scaling."""
     t = cfg.train
     return {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        "torch_autocast": {"enabled": t.precision == "bf16", "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "fp16": {"enabled": t.precision == "fp16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -109,7 +119,7 @@ def setup_engine(state: TrainState, cfg: ExperimentConfig):
     return None, OptimizerStep(state.model, state.optimizer, state.scheduler, cfg)
 
 
-def resume_from_checkpoint(state: TrainState, engine) -> None:
+def resume_from_checkpoint(state: TrainState, engine, device: torch.device) -> None:
     """Continue from Ray Train's latest checkpoint, if any: state.epoch becomes the next epoch."""
     import ray.train
 
@@ -121,7 +131,7 @@ def resume_from_checkpoint(state: TrainState, engine) -> None:
             _, client_state = engine.load_checkpoint(ckpt_dir, tag="state")
             state.epoch = int(client_state["epoch"]) + 1
         else:
-            load_state(state, Path(ckpt_dir) / CLIENT_STATE_FILE)
+            load_state(state, Path(ckpt_dir) / CLIENT_STATE_FILE, device)
 
 
 def evaluate_shard(state: TrainState, engine, cfg: ExperimentConfig, splits: dict[str, SplitTensors],
@@ -140,7 +150,8 @@ def evaluate_shard(state: TrainState, engine, cfg: ExperimentConfig, splits: dic
     for split in EVALUATED_SPLITS:
         data = splits[split]
         shard = predict_patterns(model, data, patterns, seed=cfg.missing.seed,
-                                 batch_size=max(cfg.train.batch_size, 128), device=me.device, dtype=me.dtype,
+                                 batch_size=max(cfg.train.batch_size, 128), device=me.device,
+                                 dtype=param_dtype(state.model), autocast=autocast_dtype(cfg),
                                  rank=me.rank, world_size=me.world_size,
                                  streams=1 if zero3 else eval_streams(cfg, me.device),
                                  reuse_encodings=not (zero3 and me.world_size > 1))
@@ -162,12 +173,13 @@ def _gather(shard: ShardPredictions, n: int, world_size: int) -> tuple[np.ndarra
 
 
 def report_epoch(state: TrainState, engine, cfg: ExperimentConfig, report: EpochReport,
-                 fingerprints: dict[str, str], me: Rank, checkpoint_key: str) -> None:
-    """Report the epoch to Ray Train (rank 0's metrics are what its callback stores), with a
-    checkpoint every `train.checkpoint_every` epochs and after the last."""
+                 extra: dict, me: Rank, checkpoint_key: str) -> None:
+    """Report the epoch (with `extra` metrics: mask fingerprints, memory) to Ray Train (its
+    callback stores rank 0's results), with a checkpoint every `train.checkpoint_every`
+    epochs and after the last."""
     import ray.train
 
-    metrics = {**epoch_metrics(report, cfg.search), **fingerprints,
+    metrics = {**epoch_metrics(report, cfg.search), **extra,
                "time/train_s": report.train_time_s, "time/eval_s": report.eval_time_s}
     if not checkpoint_due(state, cfg):
         ray.train.report(metrics)

@@ -20,6 +20,7 @@ from search.ray_setup import LOCAL_RAY_SYSTEM_CONFIG
 from search.results import ResultsStore
 from search.run import train_in_process
 from search.trainer import build_state, unwrap
+from search.shared_data import DATA_PRIVATE_MB
 from search.worker import CLIENT_STATE_FILE
 
 pytestmark = pytest.mark.integration
@@ -74,6 +75,15 @@ def test_two_worker_zero2_bf16_run_writes_every_row_and_checkpoints(zero2_run):
     assert all(e["checkpoint"] for e in epoch_log(run))
     checkpoints = sorted(p for p in (run / "checkpoints" / "train").glob("checkpoint_*") if p.is_dir())
     assert checkpoints and (checkpoints[-1] / "state").is_dir(), "DeepSpeed checkpoint persisted by Ray"
+
+
+def test_two_ranks_on_one_node_share_one_copy_of_the_data(zero2_run):
+    run, _ = zero2_run
+    store = next(Layout(run).data.glob("*/schema.json")).parent
+    dataset_mb = sum(s.nbytes for s in load_splits(store).values()) / 2**20
+    by_rank = epoch_log(run)[0][DATA_PRIVATE_MB]
+    # A rank holding its own copy would take the whole dataset (~35 MB here) privately.
+    assert len(by_rank) == 2 and all(mb < 0.25 * dataset_mb for mb in by_rank), (by_rank, dataset_mb)
 
 
 def test_ddp_runs_and_one_or_two_workers_see_identical_evaluation_masks(tmp_path, zero2_run):
@@ -134,6 +144,7 @@ def test_grad_accum_trains_the_same_weights_in_process_and_in_ddp_and_deepspeed_
     # 128 rows in batches of 19 = 7 batches an epoch; grad_accum 3 makes groups of 3, 3 and 1
     # in every epoch on every path (the last batch of an epoch closes its group), whatever
     # counter an engine keeps across epochs. One thread everywhere: the same float sums.
+    # Bit for bit on CPU; on GPUs only with train.deterministic.
     train = {"epochs": 2, "batch_size": 19, "grad_accum": 3, "batch_chunks": 1, "threads": 1}
     local = tiny_cfg(tmp_path, "in-process", **train)
     state, _ = train_in_process(local, show_progress=False)

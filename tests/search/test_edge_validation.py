@@ -61,9 +61,24 @@ def test_bad_config_exits_2_naming_the_key_before_anything_starts(run_cli, tmp_p
 
 def test_distributed_only_limits_are_refused_at_the_edge(run_cli, tmp_path):
     code, err = run_cli("train", "--config", str(ROOT / "configs" / "quick.yaml"), "--set", "train.workers=2",
-                        "--set", "train.engine=ddp", "--set", "train.precision=bf16", "--set", "output.dir=run")
+                        "--set", "train.engine=ddp", "--set", "train.precision=fp16", "--set", "output.dir=run")
     assert code == 2 and "config key 'train.precision'" in err and "deepspeed" in err
     code, err = run_cli("tune", "--config", str(ROOT / "configs" / "hrlf_quick.yaml"),
                         "--set", "model.text_encoder=bert", "--set", "output.dir=exp")
     assert code == 2 and "config key 'model.text_encoder'" in err and "HRLF" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_settings_this_machine_cannot_run_are_refused_before_ray_starts(run_cli, tmp_path, monkeypatch):
+    # A private local cluster would hold this machine's GPUs: none is visible here.
+    monkeypatch.setattr("search.devices.visible_gpus", lambda: 0)
+    monkeypatch.setattr("search.ray_setup.visible_gpus", lambda: 0)
+    monkeypatch.setattr("search.tune.visible_gpus", lambda: 0)
+    code, err = run_cli("tune", "--config", str(ROOT / "configs" / "quick.yaml"), "--set", "search.gpus_per_trial=0.25",
+                        "--set", "output.dir=exp")
+    assert code == 2 and "config key 'search.gpus_per_trial': 0.25 GPUs per trial" in err, err
+    monkeypatch.setattr("search.distributed.visible_gpus", lambda: 0)
+    code, err = run_cli("train", "--config", str(ROOT / "configs" / "quick.yaml"), "--set", "train.workers=1",
+                        "--set", "train.device=cuda", "--set", "output.dir=run")
+    assert code == 2 and "config key 'train.device': cuda" in err, err
+    assert list(tmp_path.iterdir()) == [], "nothing written"

@@ -13,12 +13,14 @@ import optuna
 import pytest
 import ray
 
+from data_pipeline.loader import load_splits
 from search.config import ConfigError, load_config
 from search.export import export_best
 from search.layout import Layout
 from search.ray_setup import LOCAL_RAY_SYSTEM_CONFIG
 from search.results import ResultsStore
 from search.run import train_in_process
+from search.shared_data import DATA_PRIVATE_MB
 from search.tune import run_experiment
 
 pytestmark = pytest.mark.integration
@@ -72,6 +74,16 @@ def test_six_trials_write_study_results_and_only_the_nan_trial_fails(experiment)
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
     # Every trial's sampled values are in its rows, so results can be sliced by hyperparameter.
     assert df.groupby("trial_id")["hp.train.lr"].nunique().eq(1).all() and df["hp.train.lr"].nunique() == 5
+
+
+def test_concurrent_trials_share_one_copy_of_the_data(experiment):
+    store = next(Layout(experiment).data.glob("*/schema.json")).parent
+    dataset_mb = sum(s.nbytes for s in load_splits(store).values()) / 2**20
+    results = [json.loads(line) for path in (Layout(experiment).ray / Layout.TUNE_NAME).glob("*/result.json")
+               for line in path.read_text().splitlines()]
+    private = [r[DATA_PRIVATE_MB] for r in results if DATA_PRIVATE_MB in r]
+    # Two trials at a time; one holding its own copy would take the whole dataset privately.
+    assert len(private) >= 5 and max(private) < 0.25 * dataset_mb, (private, dataset_mb)
 
 
 def test_export_then_train_reproduces_the_exported_metrics(experiment, tmp_path):
