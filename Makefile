@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean system-packages
 
 install: $(STAMP)
 
@@ -28,8 +28,23 @@ run: install
 	@echo "Results: $(EXP)/ (results/ = per-pattern Parquet rows, optuna.db = Optuna study, best.yaml = best config)"
 	@echo "Retrain the best: $(BIN)/msa-search train --config $(EXP)/best.yaml"
 
-test: install
+test: install system-packages
 	$(BIN)/python -m pytest -q --durations=12 tests  # the slowest tests, to keep the suite under 15 min on 2 cores
+
+# Real services the tests run against: Prometheus (its server and promtool) for the live
+# metrics. Installed with apt-get where we are root (CI, fresh machines); otherwise the line
+# below says what to install, and the tests that need it are skipped with that reason.
+SYSTEM_PACKAGES := prometheus:promtool
+system-packages:
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+	  command -v $${entry#*:} >/dev/null 2>&1 || missing="$$missing $${entry%%:*}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+	  echo "note: tests that need$$missing will be skipped; install with: sudo apt-get install$$missing"; \
+	fi
 
 bench: install
 	$(BIN)/python bench/data_load.py

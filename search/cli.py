@@ -20,6 +20,9 @@ app = typer.Typer(help="Hyperparameter and robustness search for multimodal sent
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Synthesize, convert and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+dashboards_app = typer.Typer(help="Grafana dashboards as code: build the JSON and provisioning files, push them.",
+                             no_args_is_help=True)
+app.add_typer(dashboards_app, name="dashboards")
 
 # markup=False: paths and error texts (Ray's, gloo's) contain [brackets] that rich would
 # otherwise parse as style tags and crash on.
@@ -218,6 +221,53 @@ def export_cmd(
 
     for path in export_best(exp, out, top=top, objective=objective):
         console.print(f"wrote {path}")
+
+
+@dashboards_app.command("build")
+def dashboards_build(
+    out: Path = typer.Option(Path("dashboards"), "--out", help="Directory for robustness.json and provisioning/."),
+    prometheus_url: str = typer.Option(None, "--prometheus-url",
+                                       help="Prometheus the provisioned data source reads (default: "
+                                            "http://localhost:9090, where `ray metrics launch-prometheus` listens)."),
+    grafana_dir: str = typer.Option(None, "--grafana-dir",
+                                    help="Where Grafana sees the --out directory: the file provider's options.path "
+                                         "(default: /var/lib/grafana/dashboards/msa-search)."),
+) -> None:
+    """Write the robustness dashboard (Grafana JSON) and Grafana provisioning files.
+
+    provisioning/ holds datasources/ (Prometheus, fixed uid) and dashboards/ (a file provider).
+    Point Grafana's provisioning directory (paths.provisioning) at it."""
+    from . import dashboards
+
+    for path in dashboards.write_dashboards(out, prometheus_url or dashboards.DEFAULT_PROMETHEUS_URL,
+                                            grafana_dir or dashboards.DEFAULT_GRAFANA_DIR):
+        console.print(f"wrote {path}")
+
+
+@dashboards_app.command("push")
+def dashboards_push(
+    url: str = typer.Option(..., "--url", help="Grafana's base URL, e.g. http://grafana:3000."),
+    prometheus_url: str = typer.Option(None, "--prometheus-url",
+                                       help="Prometheus the data source reads, as Grafana reaches it "
+                                            "(default: http://localhost:9090)."),
+    timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds to wait for each Grafana request."),
+) -> None:
+    """Create or update the dashboard, its folder and its Prometheus data source in a running Grafana.
+
+    Token: GRAFANA_TOKEN (a service-account token, Editor role); no default user or password is tried.
+    Pushing again overwrites the same uids."""
+    import os
+
+    from .dashboards import DEFAULT_PROMETHEUS_URL
+    from .grafana_push import push_dashboards
+
+    token = os.environ.get("GRAFANA_TOKEN", "")
+    if not token:
+        raise MsaSearchError("GRAFANA_TOKEN is not set: export a Grafana service-account token (Editor role); "
+                             "no default user or password is tried")
+    result = push_dashboards(url, token, prometheus_url or DEFAULT_PROMETHEUS_URL, timeout=timeout)
+    console.print(f"pushed: folder {result.folder}, data source {result.datasource}, dashboard {result.dashboard_url}",
+                  soft_wrap=True)
 
 
 def main() -> None:

@@ -81,6 +81,7 @@ def _new_tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable):
     from ray import tune
 
     from .callbacks import TuneResultsCallback
+    from .live_metrics import LiveMetricsCallback
 
     multi = bool(cfg.search.objectives)
     return tune.Tuner(
@@ -95,7 +96,8 @@ def _new_tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable):
             max_concurrent_trials=cfg.search.max_concurrent if cfg.search.scheduler == "pbt" else None,
             time_budget_s=cfg.search.time_budget_s),
         run_config=tune.RunConfig(
-            name=Layout.TUNE_NAME, storage_path=str(layout.ray), callbacks=[TuneResultsCallback(layout.root, cfg)],
+            name=Layout.TUNE_NAME, storage_path=str(layout.ray),
+            callbacks=[TuneResultsCallback(layout.root, cfg), LiveMetricsCallback(layout.root.name, cfg)],
             stop=trial_epoch_budget(cfg.search.max_trial_epochs),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
             # PBT restores a trial from another trial's checkpoint: keep them all (small
