@@ -12,6 +12,7 @@ writes its decision into the config it hands out (`train.device` becomes cpu or 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -102,6 +103,17 @@ def _checked(cfg: ExperimentConfig, placement: Placement) -> Placement:
         raise ConfigError("config key 'train.precision': fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
                           "fp16); use bf16 or fp32 on CPU")
     return placement
+
+
+def in_process_device(cfg: ExperimentConfig) -> torch.device:
+    """Where this process trains without asking Ray: `msa-search train` in-process (auto: this
+    process's GPUs), or a trial whose config the driver placed (cpu, or cuda: the GPU Ray gave it)."""
+    return torch.device("cuda" if place(cfg, None, visible_gpus()).use_gpu else "cpu")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The forward pass's autocast context (thread-local: enter it in the thread that runs)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def ray_cluster(joined: bool) -> Cluster:

@@ -21,6 +21,7 @@ from data_pipeline.missing import Pattern
 from data_pipeline.presets import MODALITIES
 from models.metrics import msa_metrics_grouped
 
+from .devices import autocast as autocast_to
 from .objective import PatternMetrics
 from .row_parallel import parallel_map
 
@@ -71,8 +72,7 @@ def predict_patterns(model: nn.Module, data: SplitTensors, patterns: list[Patter
             def predict(pattern: Pattern) -> tuple[np.ndarray, torch.Tensor]:
                 batch = apply_missing(gathered, pattern, seed=seed, dtype=dtype, with_complete=False)
                 # Grad mode and autocast are per thread: entered here, where the pattern runs.
-                cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
-                with torch.no_grad(), cast:
+                with torch.no_grad(), autocast_to(device, autocast):
                     out = model(batch)["prediction"].reshape(-1)
                 return mask_digest(batch), out.float()
 

@@ -83,12 +83,12 @@ class LiveMetricsCallback(tune.Callback):
             if objective is not None and math.isfinite(objective) and (
                     self._best is None or (objective > self._best if self.mode == "max" else objective < self._best)):
                 self._best = float(objective)
-            self._states = Counter(str(t.status).lower() for t in trials)
+            self._states = _by_state(trials)
         self._publish()
 
     def on_step_end(self, iteration, trials, **info) -> None:
         with self._lock:
-            self._states = Counter(str(t.status).lower() for t in trials)
+            self._states = _by_state(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._retire(trial, trials)
@@ -98,7 +98,7 @@ class LiveMetricsCallback(tune.Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         with self._lock:
-            self._states = Counter(str(t.status).lower() for t in trials)
+            self._states = _by_state(trials)
         self._publish()  # the final state, once more before the driver goes
         self._stop.set()
 
@@ -107,7 +107,7 @@ class LiveMetricsCallback(tune.Callback):
         self._publish()
         with self._lock:
             self._live.pop(trial.trial_id, None)
-            self._states = Counter(str(t.status).lower() for t in trials)
+            self._states = _by_state(trials)
 
     def _start(self) -> None:
         if self._gauges is None:
@@ -142,3 +142,8 @@ def _gauges() -> dict[str, Any]:
 
     return {name: Gauge(name, description, tag_keys=labels)
             for name, (labels, description) in GAUGES.items()}
+
+
+def _by_state(trials) -> Counter:
+    """Trials by their Tune status, lower-case (pending, running, paused, terminated, error)."""
+    return Counter(str(t.status).lower() for t in trials)

@@ -56,8 +56,9 @@ def torch_trainer(cfg: ExperimentConfig, *, data: SharedSplits, checkpoint_key: 
     """A TorchTrainer of `train.workers` workers running search/worker.py on the shared splits `data`.
 
     `cfg` is the driver's placed config (search/devices.py): train.device is cpu or cuda, and
-    with cuda each worker gets one GPU from Ray and NCCL. `checkpoint_key` names the node-local checkpoint staging directories (unique per run);
-    Ray Train keeps its checkpoints under `storage_path/name`."""
+    with cuda each worker gets one GPU from Ray and NCCL. `checkpoint_key` names the node-local
+    checkpoint staging directories (unique per run); Ray Train keeps its checkpoints under
+    `storage_path/name`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -19,7 +19,7 @@ from data_pipeline.source import prepare_store
 from .config import ExperimentConfig
 from .layout import Layout
 from .results import EpochReport, ResultsStore, RunInfo
-from .devices import place, visible_gpus
+from .devices import in_process_device
 from .trainer import TrainState, checkpoint_due, fit, save_state
 
 
@@ -41,7 +41,7 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
     run = RunInfo.of(layout.root.name, run_id or layout.root.name, cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = torch.device("cuda" if place(cfg, None, visible_gpus()).use_gpu else "cpu")
+    device = in_process_device(cfg)
     splits = load_splits(prepare_store(cfg.data, layout.data))
     store = ResultsStore(layout.results)
     layout.checkpoints.mkdir(exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +24,7 @@ from models.entry import ModelEntry
 from models.registry import get_model
 
 from .config import ExperimentConfig
-from .devices import configure_torch
+from .devices import autocast, configure_torch, in_process_device
 from .evaluate import evaluate_patterns
 from .objective import objective_value
 from .optim import DeepSpeedStep, OptimizerStep, build_lr_schedule, build_optimizer, closes_group
@@ -49,14 +48,6 @@ class TrainState:
     history: list[EpochReport] = field(default_factory=list)
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise MsaSearchError("train.device: cuda was asked for but no GPU is visible")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The registry's module inside a DDP wrapper or a DeepSpeed engine."""
     return getattr(model, "module", model)
@@ -72,11 +63,6 @@ def autocast_dtype(cfg: ExperimentConfig) -> torch.dtype | None:
     """`train.precision: bf16` runs forward passes under bf16 autocast on every path (weights,
     gradients, labels and losses stay fp32); fp16 is DeepSpeed's engine, which casts the weights."""
     return torch.bfloat16 if cfg.train.precision == "bf16" else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """The forward pass's autocast context (thread-local: enter it in the thread that runs)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def param_dtype(model: nn.Module) -> torch.dtype:
@@ -237,9 +223,9 @@ def fit(cfg: ExperimentConfig, splits: dict[str, SplitTensors], *, device: torch
         state: TrainState | None = None) -> TrainState:
     """Train for `cfg.train.epochs` (from `state.epoch` when resuming), evaluating valid and
     test over the grid after every epoch."""
-    device = device or resolve_device(cfg.train.device)
+    device = device or in_process_device(cfg)
     state = state or build_state(cfg, splits["train"], device)
-    splits = stage_splits(splits, device)  # on the GPU where they fit, else pinned
+    splits = stage_splits(splits, device)  # on the GPU where they fit
     evaluated = {k: v for k, v in splits.items() if k in ("valid", "test")}
     while state.epoch < cfg.train.epochs:
         start = time.perf_counter()

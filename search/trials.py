@@ -19,7 +19,8 @@ from .layout import Layout
 from .ray_setup import torch_trainer
 from .results import EpochReport, epoch_metrics
 from .shared_data import DATA_PRIVATE_MB, SharedSplits
-from .trainer import TrainState, build_state, checkpoint_due, fit, load_state, resolve_device, save_state
+from .devices import in_process_device
+from .trainer import TrainState, build_state, checkpoint_due, fit, load_state, save_state
 
 STATE_FILE = "state.pt"  # inside a Tune checkpoint of an in-process trial
 
@@ -56,7 +57,7 @@ def in_process_trial(params: dict, base: dict, data: SharedSplits) -> None:
     # The driver placed the trial (search/devices.py): cuda means Ray reserved a GPU share for
     # it and made that GPU the only one this process sees; cpu means no GPU, even where the
     # node has some (Ray leaves them visible to a trial that asked for none).
-    device = resolve_device(cfg.train.device)
+    device = in_process_device(cfg)
     state = build_state(cfg, splits["train"], device)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
