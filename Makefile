@@ -25,16 +25,20 @@ EXP ?= runs/quick-$(shell date +%Y%m%d-%H%M%S)
 run: install
 	$(BIN)/msa-search tune --config configs/quick.yaml --set output.dir=$(EXP)
 	$(BIN)/msa-search export $(EXP) --out $(EXP)/best.yaml
+	$(BIN)/msa-search report $(EXP) --out $(EXP)/report.html
 	@echo "Results: $(EXP)/ (results/ = per-pattern Parquet rows, optuna.db = Optuna study, best.yaml = best config)"
+	@echo "Report: $(EXP)/report.html (open it in a browser; it needs no network)"
 	@echo "Retrain the best: $(BIN)/msa-search train --config $(EXP)/best.yaml"
 
 test: install system-packages
 	$(BIN)/python -m pytest -q --durations=12 tests  # the slowest tests, to keep the suite under 15 min on 2 cores
 
 # Real services the tests run against: Prometheus (its server and promtool) for the live
-# metrics. Installed with apt-get where we are root (CI, fresh machines); otherwise the line
-# below says what to install, and the tests that need it are skipped with that reason.
-SYSTEM_PACKAGES := prometheus:promtool
+# metrics, Chromium (driven by playwright, which cannot download its own browser here) for
+# the report. Entries are package:binary. Installed with apt-get where we are root (CI, fresh
+# machines); otherwise the line below says what to install, and the tests that need it are
+# skipped with that reason.
+SYSTEM_PACKAGES := prometheus:promtool chromium:chromium
 system-packages:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
 	  command -v $${entry#*:} >/dev/null 2>&1 || missing="$$missing $${entry%%:*}"; done; \

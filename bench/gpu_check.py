@@ -342,28 +342,34 @@ class Bench:
         elif sizes.trial_fit_s:
             epochs = 10  # the in-process section failed: a guess
         f("trial_epochs", epochs)
-        f("trial_threads", sizes.trial_threads)
-        cfg = make_config(sizes, self.device, epochs=epochs, threads=sizes.trial_threads)
-        config_file = self.tmp / "trial.json"
-        config_file.write_text(json.dumps(cfg.model_dump(mode="json")))
-        reset_peak(self.device)
-        rates = {}
+        threads = self.args.trial_threads or sizes.trial_threads
+        f("trial_threads", threads)
         counts = tuple(int(k) for k in self.args.trial_counts.split(",")) if self.args.trial_counts \
             else sizes.trial_counts
-        for k in counts:
-            reserve = self.args.reserve_s if self.args.reserve_s >= 0 else sizes.deepspeed_reserve_s
-            timeout = self.deadline - time.perf_counter() - reserve
-            if timeout <= 10:
-                raise RuntimeError(f"no time left for {k} trials (budget)")
-            rates[k] = self._trial_group(k, config_file, timeout)
-            f(f"trials_per_hour_{k}", rates[k])
-        for k in counts[1:]:
-            f(f"speedup_{k}_vs_1", rates[k] / rates[1])
+        # train.eval_batch_size variants: figures get an _eval<N> suffix when asked for.
+        eval_sizes = [int(n) for n in self.args.eval_batch_sizes.split(",")] if self.args.eval_batch_sizes else [None]
+        for eval_rows in eval_sizes:
+            suffix = f"_eval{eval_rows}" if eval_rows else ""
+            cfg = make_config(sizes, self.device, epochs=epochs, threads=threads,
+                              eval_batch_size=eval_rows)
+            config_file = self.tmp / f"trial{suffix}.json"
+            config_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+            reset_peak(self.device)
+            rates = {}
+            for k in counts:
+                reserve = self.args.reserve_s if self.args.reserve_s >= 0 else sizes.deepspeed_reserve_s
+                timeout = self.deadline - time.perf_counter() - reserve
+                if timeout <= 10:
+                    raise RuntimeError(f"no time left for {k} trials (budget)")
+                rates[k] = self._trial_group(k, config_file, timeout, suffix)
+                f(f"trials_per_hour_{k}{suffix}", rates[k])
+            for k in counts[1:]:
+                f(f"speedup_{k}_vs_1{suffix}", rates[k] / rates[1])
 
-    def _trial_group(self, k: int, config_file: Path, timeout: float) -> float:
+    def _trial_group(self, k: int, config_file: Path, timeout: float, suffix: str = "") -> float:
         f = self.figure
         outs = [self.tmp / f"trial-{k}-{i}.log" for i in range(k)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.sizes.trial_threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.args.trial_threads or self.sizes.trial_threads)}
         cmd = [sys.executable, __file__, "--trial", str(config_file), "--store", str(self.store),
                "--out", str(self.args.out)] + (["--cpu"] if self.args.cpu else [])
         files = [open(o, "w") for o in outs]
@@ -393,12 +399,14 @@ class Bench:
             log(f"{k} trials, trial {i}: start-up {r['fit_start'] - launched:.1f} s, fit {r['fit_s']:.1f} s "
                 f"(train {r['train_s']:.1f} s, eval {r['eval_s']:.1f} s), peak GPU {r['peak_gpu_mb']} MB, "
                 f"objective {r['objective']:.4f}")
-        f(f"trials_{k}_wall_s", wall)
-        f(f"trials_{k}_startup_s_mean", float(np.mean([r["fit_start"] - launched for r in results])))
-        f(f"trials_{k}_fit_s_mean", float(np.mean([r["fit_s"] for r in results])))
-        f(f"trials_{k}_train_s_mean", float(np.mean([r["train_s"] for r in results])))
-        f(f"trials_{k}_train_s_max", float(max(r["train_s"] for r in results)))
-        f(f"trials_{k}_peak_gpu_mb_max", max(r["peak_gpu_mb"] for r in results) if self.device.type == "cuda"
+        name = f"trials_{k}{suffix}"
+        f(f"{name}_wall_s", wall)
+        f(f"{name}_startup_s_mean", float(np.mean([r["fit_start"] - launched for r in results])))
+        f(f"{name}_fit_s_mean", float(np.mean([r["fit_s"] for r in results])))
+        f(f"{name}_train_s_mean", float(np.mean([r["train_s"] for r in results])))
+        f(f"{name}_eval_s_mean", float(np.mean([r["eval_s"] for r in results])))
+        f(f"{name}_train_s_max", float(max(r["train_s"] for r in results)))
+        f(f"{name}_peak_gpu_mb_max", max(r["peak_gpu_mb"] for r in results) if self.device.type == "cuda"
           else "na")
         return k * 3600.0 / wall
 
@@ -511,6 +519,9 @@ def main() -> None:
     parser.add_argument("--sections", default="", help="comma-separated subset of the sections after data")
     parser.add_argument("--trial-counts", default="", help="e.g. 1,8 (default: 1,4,8; --cpu 1,2)")
     parser.add_argument("--trial-epochs", type=int, default=0, help="0: sized from the LNLN epoch time")
+    parser.add_argument("--trial-threads", type=int, default=0, help="CPU threads per trial (default: 2; --cpu 1)")
+    parser.add_argument("--eval-batch-sizes", default="",
+                        help="trials: repeat for each train.eval_batch_size, e.g. 128,1024 (default: the config's)")
     parser.add_argument("--reserve-s", type=float, default=-1.0,
                         help="seconds the trials leave for the sections after them (default: 150 GPU, 40 CPU)")
     parser.add_argument("--trial", help=argparse.SUPPRESS)  # child: one trial's config (JSON file)

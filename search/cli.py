@@ -152,15 +152,18 @@ def tune_cmd(
     set_: list[str] = SET_OPTION,
     resume: Path = typer.Option(None, "--resume", help="Continue this interrupted experiment."),
     address: str = ADDRESS_OPTION,
+    verbose: bool = typer.Option(False, "--verbose",
+                                 help="Show Ray's own trial tables and logs too (otherwise in EXP/logs/ray.log)."),
 ) -> None:
     """Search loss weights and adversarial schedules with Ray Tune + Optuna (the main job).
 
-    Exits non-zero when no trial completed (the first failure's reason is on stderr)."""
+    Shows a live view of the search on stderr. Exits non-zero when no trial completed (the
+    first failure's reason is on stderr)."""
     from .config import load_config
     from .tune import run_experiment
 
     cfg = None if resume is not None else load_config(config, set_)
-    outcome = run_experiment(cfg, resume_dir=resume, ray_address=address)
+    outcome = run_experiment(cfg, resume_dir=resume, ray_address=address, verbose=verbose)
     counts = ", ".join(f"{n} {state}" for state, n in outcome.trials.items() if n) or "none"
     console.print(f"trials: {counts}")
     if not outcome.any_completed:
@@ -221,6 +224,31 @@ def export_cmd(
 
     for path in export_best(exp, out, top=top, objective=objective):
         console.print(f"wrote {path}")
+
+
+@app.command("report")
+def report_cmd(
+    exp: Path = typer.Argument(..., help="Experiment directory (msa-search tune) or run directory (msa-search train)."),
+    out: Path = typer.Option(None, "--out", help="Output HTML file (default: EXP/report.html)."),
+    metric: str = typer.Option("f1_non0", "--metric",
+                               help="Metric of the robustness curves, pattern heat map and per-pattern importance."),
+    watch: bool = typer.Option(False, "--watch", help="Re-render every --interval seconds until Ctrl-C."),
+    interval: float = typer.Option(10.0, "--interval", min=0.1, help="Seconds between renders with --watch."),
+) -> None:
+    """Write one self-contained HTML report (plotly, nothing loaded from the network).
+
+    Robustness curves, trial x pattern heat map, best objective over time, parallel
+    coordinates of the hyperparameters, hyperparameter importance, Pareto front
+    (multi-objective searches) and importance per missing pattern."""
+    from .report import watch_report, write_report
+
+    if not watch:
+        console.print(f"wrote {write_report(exp, out, metric)}", soft_wrap=True)
+        return
+    try:
+        watch_report(exp, out, metric, interval, on_render=lambda line: console.print(line, soft_wrap=True))
+    except KeyboardInterrupt:  # Ctrl-C is how a watch ends
+        console.print("stopped")
 
 
 @dashboards_app.command("build")

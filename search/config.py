@@ -36,6 +36,10 @@ class TrainConfig(BaseModel):
 
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=1)
+    # Rows per evaluation forward pass (no gradients, so larger than training's). None: at
+    # least 128 on a CPU, 1024 on a GPU, where fewer, larger launches cut LNLN's evaluation
+    # 2.3-3.7x (H200, bench/gpu_check.sh --eval-batch-sizes; README "GPU check").
+    eval_batch_size: int | None = Field(None, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: int = Field(0, ge=0)
@@ -69,6 +73,11 @@ class TrainConfig(BaseModel):
     batch_chunks: int = Field(0, ge=0)
     # Test hook: make the loss NaN at the first step (the run must end with a clear reason).
     inject_nan: bool = False
+
+    def eval_rows(self, device: "torch.device | str") -> int:
+        """Rows per evaluation forward pass on `device` (see eval_batch_size)."""
+        floor = 1024 if str(device).startswith("cuda") else 128
+        return self.eval_batch_size or max(self.batch_size, floor)
 
 
 class SearchConfig(BaseModel):
@@ -129,6 +138,9 @@ class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dir: str = "runs/experiment"
+    # Per-pattern gauges to Ray's metrics endpoint while a search runs (search/live_metrics.py);
+    # off only to measure what publishing costs (bench/live_metrics_overhead.py).
+    live_metrics: bool = True
 
 
 class ExperimentConfig(BaseModel):

@@ -35,7 +35,8 @@ def load_experiment(exp_dir: str | Path) -> tuple[Layout, ExperimentConfig, pd.D
     return layout, load_config(layout.config), ResultsStore(layout.results).read()
 
 
-def _pattern_metrics(rows: pd.DataFrame) -> PatternMetrics:
+def stored_pattern_metrics(rows: pd.DataFrame) -> PatternMetrics:
+    """One split's rows of the results store (one per pattern) as pattern -> metric -> value."""
     metrics = [m for m in SIMS_METRIC_NAMES if m in rows.columns]
     return {r["pattern"]: {m: float(r[m]) for m in metrics} for _, r in rows.iterrows()}
 
@@ -51,7 +52,7 @@ def score_trials(layout: Layout, cfg: ExperimentConfig, df: pd.DataFrame,
     scores = []
     for trial_id, rows in df.groupby("trial_id"):
         last = int(rows.epoch.max())
-        valid = _pattern_metrics(rows[(rows.epoch == last) & (rows.split == "valid")])
+        valid = stored_pattern_metrics(rows[(rows.epoch == last) & (rows.split == "valid")])
         params_file = layout.trial_params(str(trial_id))
         params = json.loads(params_file.read_text()) if params_file.is_file() else {}
         scores.append(TrialScore(str(trial_id), last, valid,
@@ -61,13 +62,15 @@ def score_trials(layout: Layout, cfg: ExperimentConfig, df: pd.DataFrame,
     return sorted(scores, key=lambda s: sign * s.objective, reverse=True)
 
 
-def trial_states(layout: Layout) -> dict[str, int]:
-    """Trials by state, as the Optuna study records them, plus failures recorded by the driver."""
+def trial_states(layout: Layout, study=None) -> dict[str, int]:
+    """Trials by state, as the Optuna study records them (`study`: one loaded already),
+    plus failures recorded by the driver."""
     import optuna
 
     counts: dict[str, int] = {}
-    if layout.optuna_db.is_file():
+    if study is None and layout.optuna_db.is_file():
         study = optuna.load_study(study_name=layout.study_name, storage=layout.optuna_storage)
+    if study is not None:
         for t in study.trials:
             counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
     if layout.failures.is_file():

@@ -79,6 +79,18 @@ class Layout:
         return self.trial_params_dir / f"{trial_id}.json"
 
     @property
+    def report(self) -> Path:  # the self-contained HTML report (`msa-search report`)
+        return self.root / "report.html"
+
+    @property
+    def logs(self) -> Path:  # Ray's and Optuna's own output while the console shows the live view
+        return self.root / "logs"
+
+    @property
+    def ray_log(self) -> Path:
+        return self.logs / "ray.log"
+
+    @property
     def nested_trials(self) -> Path:  # storage of the Ray Train runs that trials nest
         return self.root / "trials"
 

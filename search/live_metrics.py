@@ -23,7 +23,7 @@ from models.metrics import SIMS_METRIC_NAMES
 
 from .config import ExperimentConfig
 from .gauges import GAUGES
-from .objective import OBJECTIVE
+from .objective import OBJECTIVE, is_better
 from .results import reported_results
 
 REFRESH_S = 2.5  # well inside Ray's 20 s gauge expiry, and twice per 5 s as DESIGN asks
@@ -81,7 +81,7 @@ class LiveMetricsCallback(tune.Callback):
         with self._lock:
             self._live[trial.trial_id] = sets
             if objective is not None and math.isfinite(objective) and (
-                    self._best is None or (objective > self._best if self.mode == "max" else objective < self._best)):
+                    self._best is None or is_better(objective, self._best, self.mode)):
                 self._best = float(objective)
             self._states = _by_state(trials)
         self._publish()

@@ -52,6 +52,11 @@ def objective_mode(name: str) -> str:
     return "min" if name.partition("@")[0] == "mae" else "max"
 
 
+def is_better(value: float, than: float, mode: str) -> bool:
+    """Whether objective `value` beats `than` under `mode` (max or min)."""
+    return value > than if mode == "max" else value < than
+
+
 def objective_value(by_pattern: PatternMetrics, name: str, patterns: Sequence[str]) -> float:
     """The objective `name` of one split's results over `patterns`."""
     if name == "robust_f1":

@@ -207,7 +207,7 @@ def evaluate_epoch(model: nn.Module, cfg: ExperimentConfig, splits: dict[str, Sp
     patterns = cfg.missing.patterns()
     streams = eval_streams(cfg, device) if unwrap(model) is model else 1
     return {name: evaluate_patterns(model, data, patterns, seed=cfg.missing.seed,
-                                    batch_size=max(cfg.train.batch_size, 128), device=device, streams=streams,
+                                    batch_size=cfg.train.eval_rows(device), device=device, streams=streams,
                                     dtype=param_dtype(model), autocast=autocast_dtype(cfg))
             for name, data in splits.items()}
 

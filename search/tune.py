@@ -17,9 +17,11 @@ from data_pipeline.errors import MsaSearchError
 from data_pipeline.source import prepare_store
 
 from .config import ExperimentConfig, load_config
+from .console_view import showing
 from .devices import place, visible_gpus
 from .layout import Layout
 from .objective import OBJECTIVE
+from .ray_output import ray_output_to
 from .ray_setup import cluster_of, ensure_ray
 from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
@@ -39,11 +41,12 @@ class SearchOutcome:
 
 
 def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = None,
-                   ray_address: str | None = None) -> SearchOutcome:
+                   ray_address: str | None = None, verbose: bool = False) -> SearchOutcome:
     """Run (or resume) an experiment. Every error a config can cause is raised before Ray starts
-    (on a cluster to join, the device decision's just after joining) and before anything is written."""
-    from ray import tune
+    (on a cluster to join, the device decision's just after joining) and before anything is written.
 
+    The console shows the live view (search/console_view.py) on stderr; Ray's and Optuna's own
+    output goes to EXP/logs/ray.log, and with `verbose` to the console as well."""
     if resume_dir is not None:
         layout, cfg = _experiment_to_resume(Path(resume_dir).resolve())
     else:
@@ -58,31 +61,35 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
         layout.config.write_text(cfg.to_yaml())
         layout.space.write_text(json.dumps(space_to_data(space), indent=2) + "\n")
     store = prepare_store(cfg.data, layout.data)
-    ensure_ray(ray_address)
-    for line in placement.warnings:
-        warn(line)
-    cfg = placement.apply(cfg)
-    # One read-only copy of the splits per node, in Ray's object store (search/shared_data.py).
-    trainable = _trainable(cfg, share_splits(store))
-    if resume_dir is not None:
-        # Ray keeps the run config, our callbacks included, in the experiment's state.
-        tuner = tune.Tuner.restore(str(layout.tune_state), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False, param_space=tune_domains(space))
-    else:
-        tuner = _new_tuner(cfg, layout, space, trainable)
-    return _outcome(layout, cfg, tuner.fit())
+    with ray_output_to(layout.ray_log, verbose=verbose) as ray_warnings, showing(sys.stderr, ray_warnings):
+        ensure_ray(ray_address)  # a joined cluster was joined by cluster_of(), before the log existed
+        for line in placement.warnings:
+            warn(line)
+        cfg = placement.apply(cfg)
+        # One read-only copy of the splits per node, in Ray's object store (search/shared_data.py).
+        trainable = _trainable(cfg, share_splits(store))
+        grid = _tuner(cfg, layout, space, trainable, resume=resume_dir is not None).fit()
+    return _outcome(layout, cfg, grid)
 
 
 def warn(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    print(line, file=sys.stderr, flush=True)  # before the view starts: plain stderr
 
 
-def _new_tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable):
+def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, *, resume: bool):
     from ray import tune
 
     from .callbacks import TuneResultsCallback
+    from .console_view import ConsoleView
     from .live_metrics import LiveMetricsCallback
 
+    if resume:
+        # Ray keeps the run config, our callbacks included, in the experiment's state.
+        return tune.Tuner.restore(str(layout.tune_state), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False, param_space=tune_domains(space))
+    callbacks = [TuneResultsCallback(layout.root, cfg), ConsoleView(layout.root.name, cfg, str(layout.ray_log))]
+    if cfg.output.live_metrics:
+        callbacks.append(LiveMetricsCallback(layout.root.name, cfg))
     multi = bool(cfg.search.objectives)
     return tune.Tuner(
         trainable,
@@ -97,12 +104,13 @@ def _new_tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable):
             time_budget_s=cfg.search.time_budget_s),
         run_config=tune.RunConfig(
             name=Layout.TUNE_NAME, storage_path=str(layout.ray),
-            callbacks=[TuneResultsCallback(layout.root, cfg), LiveMetricsCallback(layout.root.name, cfg)],
+            callbacks=callbacks,
             stop=trial_epoch_budget(cfg.search.max_trial_epochs),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
             # PBT restores a trial from another trial's checkpoint: keep them all (small
             # models); otherwise only the latest matters (resume).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None if cfg.search.scheduler == "pbt" else 1),
+            # Ray's tables are printed; search/ray_output.py sends them to the log unless --verbose.
             verbose=1),
     )
 

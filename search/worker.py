@@ -150,7 +150,7 @@ def evaluate_shard(state: TrainState, engine, cfg: ExperimentConfig, splits: dic
     for split in EVALUATED_SPLITS:
         data = splits[split]
         shard = predict_patterns(model, data, patterns, seed=cfg.missing.seed,
-                                 batch_size=max(cfg.train.batch_size, 128), device=me.device,
+                                 batch_size=cfg.train.eval_rows(me.device), device=me.device,
                                  dtype=param_dtype(state.model), autocast=autocast_dtype(cfg),
                                  rank=me.rank, world_size=me.world_size,
                                  streams=1 if zero3 else eval_streams(cfg, me.device),

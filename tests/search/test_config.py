@@ -82,3 +82,12 @@ def test_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+def test_evaluation_rows_default_per_device_and_follow_the_config():
+    train = ExperimentConfig().train.model_copy(update={"batch_size": 32})
+    assert (train.eval_rows("cpu"), train.eval_rows("cuda:0")) == (128, 1024)
+    assert train.model_copy(update={"batch_size": 2048}).eval_rows("cuda") == 2048
+    assert train.model_copy(update={"eval_batch_size": 300}).eval_rows("cuda") == 300
+    with pytest.raises(ConfigError, match="train.eval_batch_size"):
+        load_config(None, ["train.eval_batch_size=0"])

@@ -86,11 +86,25 @@ def test_two_ranks_on_one_node_share_one_copy_of_the_data(zero2_run):
     assert len(by_rank) == 2 and all(mb < 0.25 * dataset_mb for mb in by_rank), (by_rank, dataset_mb)
 
 
-def test_ddp_runs_and_one_or_two_workers_see_identical_evaluation_masks(tmp_path, zero2_run):
-    two = train_distributed(tiny_cfg(tmp_path, "ddp2", workers=2, engine="ddp"))[0]
-    one = train_distributed(tiny_cfg(tmp_path, "ddp1", workers=1, engine="ddp", epochs=1))[0]
-    assert_complete_results(two, epochs=2)
-    assert_complete_results(one, epochs=1)
+# 128 rows in batches of 19 = 7 batches an epoch; grad_accum 3 makes groups of 3, 3 and 1 in
+# every epoch on every path (the last batch of an epoch closes its group), whatever counter an
+# engine keeps across epochs. One thread everywhere: the same float sums.
+ACCUM_TRAIN = {"epochs": 2, "batch_size": 19, "grad_accum": 3, "batch_chunks": 1, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def ddp1_run(tmp_path_factory):
+    """One DDP worker with gradient accumulation (shared: a Ray Train start costs 10-20 s here)."""
+    return train_distributed(tiny_cfg(tmp_path_factory.mktemp("ddp1"), "ddp", workers=1, engine="ddp",
+                                      **ACCUM_TRAIN))[0]
+
+
+def test_ddp_runs_and_one_or_two_workers_see_identical_evaluation_masks(tmp_path, zero2_run, ddp1_run):
+    # Evaluation masks depend on the data and missing.seed only, not on training's batches.
+    two = train_distributed(tiny_cfg(tmp_path, "ddp2", workers=2, engine="ddp", epochs=1))[0]
+    one = ddp1_run
+    assert_complete_results(two, epochs=1)
+    assert_complete_results(one, epochs=2)
     fingerprints = [{k: v for k, v in epoch_log(r)[0].items() if k.startswith("mask_fingerprint/")}
                     for r in (one, two, zero2_run[0])]
     assert set(fingerprints[0]) == {"mask_fingerprint/valid", "mask_fingerprint/test"}
@@ -140,19 +154,16 @@ def last_checkpoint(run: Path) -> Path:
     return sorted(p for p in (Layout(run).checkpoints / "train").glob("checkpoint_*") if p.is_dir())[-1]
 
 
-def test_grad_accum_trains_the_same_weights_in_process_and_in_ddp_and_deepspeed_workers(tmp_path):
-    # 128 rows in batches of 19 = 7 batches an epoch; grad_accum 3 makes groups of 3, 3 and 1
-    # in every epoch on every path (the last batch of an epoch closes its group), whatever
-    # counter an engine keeps across epochs. One thread everywhere: the same float sums.
-    # Bit for bit on CPU; on GPUs only with train.deterministic.
-    train = {"epochs": 2, "batch_size": 19, "grad_accum": 3, "batch_chunks": 1, "threads": 1}
+def test_grad_accum_trains_the_same_weights_in_process_and_in_ddp_and_deepspeed_workers(tmp_path, ddp1_run):
+    # ACCUM_TRAIN on each path: bit for bit on CPU; on GPUs only with train.deterministic.
+    train = ACCUM_TRAIN
     local = tiny_cfg(tmp_path, "in-process", **train)
     state, _ = train_in_process(local, show_progress=False)
     expected = unwrap(state.model).state_dict()
     store = next(Layout(tmp_path / "in-process").data.iterdir())
     initial = build_state(local, load_splits(store)["train"], torch.device("cpu")).model.state_dict()
     assert any(not torch.equal(initial[k], v) for k, v in expected.items()), "it trained"
-    ddp_run, _ = train_distributed(tiny_cfg(tmp_path, "ddp", workers=1, engine="ddp", **train))
+    ddp_run = ddp1_run
     ds_run, _ = train_distributed(tiny_cfg(tmp_path, "deepspeed", workers=1, engine="deepspeed", **train))
     ddp = torch.load(last_checkpoint(ddp_run) / CLIENT_STATE_FILE, weights_only=False)["model"]
     ds = torch.load(last_checkpoint(ds_run) / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]

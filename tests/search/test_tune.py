@@ -143,6 +143,12 @@ def test_interrupted_experiment_resumes_to_the_same_trial_count(tmp_path):
     resumed = subprocess.run(args[:4] + ["--resume", str(exp)], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The console shows the live view's lines, not Ray's trial tables (those are in the log).
+    view = [line for line in resumed.stderr.splitlines() if line.startswith("trial ")]
+    assert any(" completed after 2 epochs | best robust_f1 " in line and " trials 4/4: " in line for line in view)
+    for ray_table in ("Trial status", "Trial name", "Configuration for experiment", "Current best trial"):
+        assert ray_table not in resumed.stdout + resumed.stderr
+    assert "Trial status" in Layout(exp).ray_log.read_text()
     df = ResultsStore(exp / "results").read()
     assert df.trial_id.nunique() == 4
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()

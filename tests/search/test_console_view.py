@@ -1,0 +1,143 @@
+"""The console view of `msa-search tune` and where Ray's own output goes (no Ray cluster needed;
+the end-to-end check of a real `tune` is in test_tune.py)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from search.config import load_config
+from search.console_view import ConsoleView, SearchProgress, showing
+from search.ray_output import ray_output_to
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def cfg():
+    return load_config(ROOT / "configs" / "quick.yaml", ["train.epochs=3", "search.num_samples=4"])
+
+
+def result(epoch: int, objective: float, weak: str = "inter:L+A", weak_f1: float = 0.2) -> dict:
+    valid = {p: {"f1_non0": 0.7} for p in ("intra:0.0", "intra:0.5", "inter:L", "inter:L+A", "intra:0.9")}
+    valid[weak] = {"f1_non0": weak_f1}
+    valid["intra:0.9"] = {"f1_non0": 0.01}  # held out of the objective: never the weakest searched
+    return {"epoch": epoch, "objective": objective, "rows": json.dumps({"valid": valid, "test": valid})}
+
+
+def test_progress_tracks_states_best_and_weakest_searched_pattern(cfg):
+    p = SearchProgress.of("exp", cfg)
+    p.started = 1000.0
+    p.started_trial("a")
+    p.started_trial("b")
+    assert p.reported("a", result(0, 0.40)) is True
+    assert p.reported("b", result(0, 0.30)) is False, "worse than the best"
+    assert p.reported("b", result(1, 0.55, weak="inter:L", weak_f1=0.15)) is True
+    assert p.best.trial_id == "b" and p.best.weakest == "inter:L" and p.best.weakest_f1 == pytest.approx(0.15)
+    assert p.reported("a", result(1, math.nan)) is False
+    p.ended("a")
+    assert p.trials["a"].status == "stopped early", "2 of 3 epochs"
+    p.reported("b", result(2, 0.5))
+    p.ended("b")
+    assert p.trials["b"].status == "completed"
+    p.started_trial("c")
+    p.ended("c", error="RuntimeError: loss is nan")
+    assert p.by_state() == {"stopped early": 1, "completed": 1, "errored": 1}
+    assert "best robust_f1 0.5500 (trial b epoch 1, weakest pattern inter:L f1_non0 0.1500)" == p.best_line()
+    summary = p.summary(now=1075.0)
+    assert summary.startswith("trials 3/4: 1 completed, 1 stopped early, 1 errored") and "1m15s elapsed" in summary
+
+
+def test_time_left_counts_open_epochs_at_the_pace_so_far_capped_by_the_budget(cfg):
+    p = SearchProgress.of("exp", cfg)
+    p.started = 0.0
+    assert p.time_left_s(now=10.0) is None, "no epoch done: no pace yet"
+    p.started_trial("a")
+    p.reported("a", result(0, 0.4))
+    p.started_trial("b")
+    p.reported("b", result(0, 0.4))
+    # 2 epochs in 20 s; left: a 2, b 2, and 2 trials not started x 3 epochs = 10 epochs
+    assert p.time_left_s(now=20.0) == pytest.approx(100.0)
+    p.time_budget_s = 60.0
+    assert p.time_left_s(now=20.0) == pytest.approx(40.0)
+
+
+def test_the_terminal_panel_shows_running_trials_best_errors_and_ray_warnings(cfg):
+    p = SearchProgress.of("exp", cfg)
+    p.started_trial("a")
+    p.reported("a", result(1, 0.61))
+    p.started_trial("z")
+    p.ended("z", error="RuntimeError: loss is nan")
+    p.ray_warnings, p.log_path = 7, "/x/logs/ray.log"
+    console = Console(record=True, width=120, force_terminal=True)
+    console.print(p.panel())
+    text = console.export_text()
+    assert "msa-search tune exp" in text and "trials 2/4: 1 running, 1 errored" in text
+    assert "best robust_f1 0.6100 (trial a epoch 1" in text
+    assert [line.split() for line in text.splitlines() if line.startswith("a ")] == [["a", "running", "2/3", "0.6100"]]
+    assert not any(line.startswith("z ") for line in text.splitlines()), "ended trials leave the table"
+    assert "trial z errored: RuntimeError: loss is nan" in text
+    assert "Ray: 7 warnings/errors in /x/logs/ray.log" in text
+
+
+class FakeTrial:  # what Tune hands callbacks: an id, a status, an error file
+    def __init__(self, trial_id: str, status: str = "RUNNING"):
+        self.trial_id, self.status, self.error_file = trial_id, status, None
+
+
+def test_the_view_writes_one_line_per_event_off_a_terminal_and_survives_pickling(cfg):
+    view = ConsoleView("exp", cfg, "/x/logs/ray.log")
+    stream = io.StringIO()
+    with showing(stream):
+        view.setup()
+        trial = FakeTrial("t1")
+        view.on_trial_start(0, [trial], trial)
+        view.on_trial_result(1, [trial], trial, result(0, 0.42))
+        view.on_step_end(2, [trial, FakeTrial("t2", "PENDING")])
+        view.on_trial_complete(3, [trial], trial)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" | ")[0] for line in lines] == [
+        "trial t1 started", "trial t1 epoch 1/3 robust_f1 0.4200 (new best)", "trial t1 stopped early after 1 epochs"]
+    assert "trials 2/4: 1 pending, 1 stopped early" in lines[-1]
+    # Ray snapshots callbacks with the experiment; the restored one keeps the state and the time spent.
+    restored = pickle.loads(pickle.dumps(view))
+    assert restored.progress.best.objective == pytest.approx(0.42) and restored.progress.prior_s > 0
+    restored.setup()
+    assert restored.progress.elapsed_s() >= restored.progress.prior_s
+    # No display lent (e.g. a library call without the CLI): events are recorded, nothing printed.
+    restored.on_trial_start(0, [trial], FakeTrial("t3"))
+    assert "t3" in restored.progress.trials
+
+
+def test_ray_and_optuna_output_go_to_the_log_and_their_warnings_are_counted(tmp_path, capsys):
+    import optuna
+
+    log = tmp_path / "logs" / "ray.log"
+    before = {name: list(logging.getLogger(name).handlers) for name in ("ray", "optuna")}
+    with ray_output_to(log) as counts:
+        logging.getLogger("ray.tune").warning("snapshotting is slow")
+        logging.getLogger("ray").info("started")
+        optuna.create_study(study_name="s1")
+        print("Trial status: 2 RUNNING")  # how Tune prints its tables
+        print("a user-facing line", file=sys.stderr)
+    out, err = capsys.readouterr()
+    text = log.read_text()
+    assert "snapshotting is slow" in text and "started" in text and "s1" in text and "Trial status" in text
+    assert "Trial status" not in out and "snapshotting" not in err and "s1" not in err
+    assert "a user-facing line" in err, "stderr itself is not captured: the view and warnings stay visible"
+    assert counts == {"warning": 1}
+    assert {name: list(logging.getLogger(name).handlers) for name in ("ray", "optuna")} == before
+
+
+def test_verbose_keeps_ray_output_on_the_console_and_in_the_log(tmp_path, capsys):
+    log = tmp_path / "ray.log"
+    with ray_output_to(log, verbose=True):
+        print("Trial status: 1 RUNNING")
+    assert "Trial status" in capsys.readouterr().out
