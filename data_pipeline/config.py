@@ -25,7 +25,9 @@ class MissingConfig(BaseModel):
     # trials of a search are evaluated on the very same incomplete inputs.
     seed: int = 1111
     eval_grid: list[str] = Field(default_factory=default_eval_grid)
-    train_mode: Literal["lnln", "fixed", "mixture"] = "lnln"
+    # None: the model's own (its registry entry's train_missing: lnln for LNLN, mixture for
+    # HRLF), filled in when the experiment config is validated.
+    train_mode: Literal["lnln", "fixed", "mixture"] | None = None
     train_rate: float = Field(0.5, ge=0, le=1)
     inter_fraction: float = Field(0.3, ge=0, le=1)
 
@@ -43,4 +45,4 @@ class MissingConfig(BaseModel):
         return [parse_pattern(p) for p in self.eval_grid]
 
     def training(self) -> TrainingMissing:
-        return TrainingMissing(self.train_mode, self.train_rate, self.inter_fraction)
+        return TrainingMissing(self.train_mode or "lnln", self.train_rate, self.inter_fraction)

@@ -192,8 +192,8 @@ def to_mmsa_dict(dataset: MSADataset) -> dict:
         }
         if s.text_bert is not None:
             split["text_bert"] = s.text_bert.astype(np.int64)
-        if s.raw_text is not None:
-            split["raw_text"] = s.raw_text.astype(object)
+        # MMSA-style loaders read raw_text: empty transcripts where the source had none.
+        split["raw_text"] = (s.raw_text if s.raw_text is not None else np.full(len(s.labels), "")).astype(object)
         if s.unimodal_labels is not None:
             for letter, key in UNIMODAL_KEYS.items():
                 split[key] = s.unimodal_labels[letter]

@@ -19,6 +19,13 @@ AUDIO_GAIN = {"lang": 0.08, "extra": 0.18}
 VISION_GAIN = {"lang": 0.06, "extra": 0.14}
 LABEL_STEP = 0.2  # MOSI/SIMS labels are averages of annotator scores: multiples of 0.2
 CLS_ID, SEP_ID, FIRST_WORD_ID, VOCAB = 101, 102, 1000, 30000
+# Sentiment-bearing token ids, so a model that reads token ids (text_encoder: bert) finds the
+# language signal too: a share of each utterance's words comes from the positive or the negative
+# list, by the sign of its language sentiment, growing with its strength.
+POSITIVE_IDS = np.arange(FIRST_WORD_ID, FIRST_WORD_ID + 10)
+NEGATIVE_IDS = np.arange(FIRST_WORD_ID + 10, FIRST_WORD_ID + 20)
+NEUTRAL_FIRST_ID = FIRST_WORD_ID + 20
+SENTIMENT_WORD_SHARE = 0.3  # per unit of |language sentiment|, capped at 0.6
 _CHUNK = 1024
 
 
@@ -71,7 +78,7 @@ def _split(rng, preset, family, split, n, dirs, label_max) -> SplitArrays:
                         v_gain * (VISION_GAIN["lang"] * z_lang + VISION_GAIN["extra"] * z_extra), vision_len)
 
     positions = np.arange(L)[None, :]
-    ids = rng.integers(FIRST_WORD_ID, VOCAB, (n, L))
+    ids = _token_ids(rng.integers(FIRST_WORD_ID, VOCAB, (n, L)), z_lang)
     ids = np.where(positions == 0, CLS_ID, ids)
     ids = np.where(positions == text_len[:, None] - 1, SEP_ID, ids)
     attention = (positions < text_len[:, None]).astype(np.int32)
@@ -90,6 +97,19 @@ def _split(rng, preset, family, split, n, dirs, label_max) -> SplitArrays:
         text_bert=text_bert, unimodal_labels=unimodal,
         raw_text=np.array([f"synthetic utterance {i} of {split}" for i in range(n)]),
     )
+
+
+def _token_ids(draws: np.ndarray, z_lang: np.ndarray) -> np.ndarray:
+    """Word ids from uniform draws in [FIRST_WORD_ID, VOCAB) (n, L): a draw in the lowest share
+    of the range (share = SENTIMENT_WORD_SHARE * |z|, at most 0.6) becomes a sentiment word of
+    the utterance's sign, any other a neutral word. Derived from the same draws as before, so
+    every other array of a synthetic dataset keeps its values."""
+    span = VOCAB - FIRST_WORD_ID
+    u = (draws - FIRST_WORD_ID) / span  # uniform in [0, 1)
+    share = np.minimum(SENTIMENT_WORD_SHARE * np.abs(z_lang), 0.6)[:, None]
+    words = np.where(z_lang[:, None] >= 0, POSITIVE_IDS[draws % 10], NEGATIVE_IDS[draws % 10])
+    neutral = NEUTRAL_FIRST_ID + (draws - FIRST_WORD_ID) % (VOCAB - NEUTRAL_FIRST_ID)
+    return np.where(u < share, words, neutral)
 
 
 def _sequences(rng, n, T, direction, strength, lengths) -> np.ndarray:

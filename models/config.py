@@ -47,9 +47,18 @@ class HRLFConfig(BaseModel):
     fusion_dims: list[int] = Field(default_factory=lambda: [256, 128, 64], min_length=1)
     # HMI estimator: InfoNCE with a bilinear critic, or Deep InfoMax's JSD (softplus form).
     mi_estimator: Literal["infonce", "jsd"] = "infonce"
-    # HMI weights of the K + 1 scales (h^0 = concat Q, then h^1..h^K); empty = equal.
-    # Normalized to sum to 1, so lambda_HMI means the same whatever K is.
+    # HMI weights of the K + 1 scales (h^0 = concat Q, then h^1..h^K); empty = 1 each.
     hmi_scale_weights: list[float] = Field(default_factory=list)
+    # "sum": HMI = sum over scales of w_k * term_k (spec/hrlf.md); "mean": the weights are
+    # normalised to sum to 1, so lambda_HMI means the same whatever K is.
+    hmi_reduction: Literal["sum", "mean"] = "sum"
+    # FRF's disentanglement of Q_m and U_m: "cosine" = ||Q~_m^T U~_m||_F^2 / d^2 on batch-normalised
+    # columns (the mean squared cosine between a Q and a U feature, in [0, 1] whatever B and the
+    # scale); "frobenius" = the raw ||Q_m^T U_m||_F^2 over the batch that spec/hrlf.md names. Not
+    # the spec's default, measured: with it HRLF learns nothing on synthetic mosi-aligned data (test
+    # MAE 1.089 = the mean predictor's, F1 0.25; cosine: MAE 0.73, F1 0.80), the term grows
+    # with B and the features' scale and the encoders shrink Q and U to meet it.
+    disentanglement: Literal["cosine", "frobenius"] = "cosine"
     # Fraction of training progress (not epochs: the trainer passes only progress) during
     # which only the teacher's terms train (task_teacher and the teacher's FRF); 0 = joint.
     teacher_pretrain_fraction: float = Field(0.0, ge=0, lt=1)
@@ -85,11 +94,23 @@ class LNLNConfig(BaseModel):
     tokens: int = Field(8, gt=0)  # learnable tokens per modality (T)
     fusion_depth: int | None = Field(None, gt=0)  # None: 2 for MOSI, 4 for MOSEI/SIMS
     hyper_dim_head: int | None = Field(None, gt=0)  # hyper-modality attention; None: hidden_dim // num_heads
-    # "adversarial": only the discriminator sees the reversed H_P (DANN); "shared": the
-    # reversed H_P also feeds the prediction, as the reference code does.
-    grl_placement: Literal["adversarial", "shared"] = "adversarial"
-    # Where the fusion Transformer takes its queries: H_hyper (old spec) or the last language layer.
-    fusion_query: Literal["hyper", "language"] = "hyper"
+    # The defaults are the reference code's (spec/lnln.md); each alternative is a named option.
+    # "shared": H_P is reversed before it is mixed into H_D, so the task gradient into the proxy
+    # generator is reversed too (the reference); "adversarial": only the discriminator's input.
+    grl_placement: Literal["shared", "adversarial"] = "shared"
+    # Where the fusion Transformer takes its queries (and which stream it pools): the last
+    # language layer H_D^3 (the reference) or H_hyper (an earlier reading of the paper's figure).
+    fusion_query: Literal["language", "hyper"] = "language"
+    # The fusion's prepended learnable token: one shared by both streams (the reference) or one each.
+    fusion_token: Literal["shared", "separate"] = "shared"
+    # Each hyper-modality layer's update: LN(H_hyper) + delta (the reference: its pre-norm
+    # replaces the base) or the raw residual H_hyper + delta.
+    hyper_update: Literal["normalized", "raw"] = "normalized"
+    # The initial H_hyper tokens: ones (the reference) or N(0, 0.02^2).
+    hyper_init: Literal["ones", "normal"] = "ones"
+    # The proxy generator's input: T learnable tokens initialised to ones before [H_A ; H_V]
+    # (the reference: with the generator's own T tokens, 4T positions), or [H_A ; H_V] alone (3T).
+    proxy_input_tokens: bool = True
     # The reference regresses onto complete features that keep their gradient; True detaches them.
     detach_reconstruction_target: bool = False
     # Ablation: the completeness w fixed to this value (None: predicted by the completeness check).

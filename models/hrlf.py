@@ -50,14 +50,16 @@ def task_error(prediction: Tensor, label: Tensor, kind: str) -> Tensor:
     return F.mse_loss(prediction, label) if kind == "mse" else F.l1_loss(prediction, label)
 
 
-def soft_orthogonality(q: Tensor, u: Tensor) -> Tensor:
-    """Disentanglement of Q_m and U_m (B, d): ||Q~^T U~||_F^2 / d^2 where every feature column
-    is L2-normalized over the batch, i.e. the mean squared cosine between a feature of Q and a
-    feature of U. Raw ||Q^T U||_F^2 grows with B and with the scale of Q and U (the encoders
-    could satisfy it by shrinking); this stays in [0, 1]."""
+def soft_orthogonality(q: Tensor, u: Tensor, kind: str = "cosine") -> Tensor:
+    """Disentanglement of Q_m and U_m (B, d). "cosine" (default): ||Q~^T U~||_F^2 / d^2 with every
+    feature column L2-normalized over the batch, the mean squared cosine between a feature of
+    Q and a feature of U, in [0, 1]. "frobenius": ||Q^T U||_F^2 over the batch (the spec's
+    form); it grows with B and with the scale of Q and U (models/config.py says what it does)."""
     with torch.autocast(q.device.type, enabled=False):  # a loss: fp32, also inside autocast
-        qn, un = F.normalize(q.float(), dim=0), F.normalize(u.float(), dim=0)
-        return (qn.T @ un).pow(2).mean()  # (d, d) -> scalar
+        q, u = q.float(), u.float()
+        if kind == "cosine":
+            return (F.normalize(q, dim=0).T @ F.normalize(u, dim=0)).pow(2).mean()  # (d, d) -> scalar
+        return (q.T @ u).pow(2).sum()
 
 
 # --- 2. Fine-grained Representation Factorization ---------------------------------------------
@@ -67,7 +69,8 @@ class FRF(nn.Module):
     decoders D_m([Q ; U_m]) -> x_m and a small label head on Q_m (all shared by L, A, V but
     E_p^m and D_m; E_s per modality when `shared_sentiment_encoder` is off)."""
 
-    def __init__(self, dim: int, shared_sentiment_encoder: bool = True, detach_target: bool = True):
+    def __init__(self, dim: int, shared_sentiment_encoder: bool = True, detach_target: bool = True,
+                 disentanglement: str = "cosine"):
         super().__init__()
         shared = mlp([dim, dim, dim])
         # The same module under three names when shared: parameters() counts it once.
@@ -77,6 +80,7 @@ class FRF(nn.Module):
         self.decoders = nn.ModuleDict({m: mlp([2 * dim, dim, dim]) for m in MODALITIES})
         self.semantic_head = mlp([dim, dim // 2, 1])
         self.detach_target = detach_target
+        self.disentanglement = disentanglement
 
     def factorize(self, x: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         return ({m: self.sentiment[m](x[m]) for m in x},  # Q_m (B, d)
@@ -101,7 +105,8 @@ class FRF(nn.Module):
                                  for m in MODALITIES]).mean()
         return {"intra": torch.stack(intra).mean(), "inter": torch.stack(inter).mean(),
                 "semantic": torch.stack(recode).mean() + label_fit,
-                "disentangle": torch.stack([soft_orthogonality(rep.q[m], rep.u[m]) for m in MODALITIES]).mean()}
+                "disentangle": torch.stack([soft_orthogonality(rep.q[m], rep.u[m], self.disentanglement)
+                                            for m in MODALITIES]).mean()}
 
 
 # --- 3. Fusion: the multi-scale representations ------------------------------------------------
@@ -139,7 +144,8 @@ class HRLFNetwork(nn.Module):
         # The pre-norm stack leaves its output unnormalized; a final LayerNorm (GPT-2's ln_f)
         # gives x_m a fixed scale, the scale FRF's translation errors are measured in.
         self.norms = nn.ModuleDict({m: nn.LayerNorm(d) for m in MODALITIES})
-        self.frf = FRF(d, cfg.hrlf.shared_sentiment_encoder, cfg.hrlf.detach_translation_target)
+        self.frf = FRF(d, cfg.hrlf.shared_sentiment_encoder, cfg.hrlf.detach_translation_target,
+                       cfg.hrlf.disentanglement)
         self.fusion = Fusion(len(MODALITIES) * d, cfg.hrlf.fusion_dims, cfg.dropout)
         # He init for the MLP stacks: PyTorch's default Linear init divides the variance by 3
         # per layer, and the 6 layers between x_m and the prediction would hand the head a
@@ -170,7 +176,7 @@ MI_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"infonce": infonce_loss,
 def hierarchical_mi(critics: Sequence[nn.Module], student: Sequence[Tensor], teacher: Sequence[Tensor],
                     estimator: str, scale_weights: Tensor) -> Tensor:
     """HMI as a loss: sum_k w_k * (-MI bound between h_S^k and h_T^k), in-batch negatives,
-    teacher side detached. The weights sum to 1, so at the default this is the mean over scales."""
+    teacher side detached (the weights: 1 each by default, or normalised to sum to 1)."""
     bound = MI_ESTIMATORS[estimator]
     terms = torch.stack([bound(critic(s, t.detach())) for critic, s, t in zip(critics, student, teacher)])
     return (terms * scale_weights.float()).sum()
@@ -210,7 +216,9 @@ class HRLF(nn.Module):
         self.critics = nn.ModuleList(BilinearCritic(k) for k in dims)
         self.discriminators = nn.ModuleList(Discriminator(k, 64, 1) for k in dims)
         weights = torch.tensor(h.hmi_scale_weights or [1.0] * len(dims))
-        self.register_buffer("hmi_scale_weights", weights / weights.sum(), persistent=False)
+        if h.hmi_reduction == "mean":
+            weights = weights / weights.sum()
+        self.register_buffer("hmi_scale_weights", weights, persistent=False)
 
     def forward(self, batch: Batch, progress: float = 0.0) -> dict:
         """prediction (B,) and the student's Representations; in training mode also the
@@ -283,12 +291,13 @@ ENTRY = ModelEntry(
         "model.hrlf.frf_weights.disentangle": Dist("uniform", 0.0, 2.0),
         "model.hrlf.mi_estimator": Dist("choice", choices=("infonce", "jsd")),
         "model.hrlf.teacher_pretrain_fraction": Dist("choice", choices=(0.0, 0.1, 0.2, 0.3)),
-        # Share of training samples with a whole-modality drop; only read by missing.train_mode
-        # mixture, HRLF's training distribution (configs/hrlf_quick.yaml sets it).
+        # Share of training samples with a whole-modality drop; read by missing.train_mode
+        # mixture, HRLF's training distribution (its default: train_missing below).
         "missing.inter_fraction": Dist("uniform", 0.0, 0.6),
         **ADVERSARIAL_SPACE,
         **OPTIMIZER_SPACE,
     },
     adversarial_terms=("hal",),
     check_config=check_config,
+    train_missing="mixture",  # spec/hrlf.md: LNLN's draw plus 30% of samples with an inter pattern
 )

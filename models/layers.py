@@ -222,13 +222,14 @@ class TokenEncoder(nn.Module):
 
 class CrossTransformer(nn.Module):
     """Cross-modal Transformer: queries from `target`, keys/values from `source`, each with a
-    learnable token prepended and learned positions. Returns all target outputs (B, 1 + N_t, d)."""
+    learnable token prepended (one token for both with `shared_token`) and learned positions.
+    Returns all target outputs (B, 1 + N_t, d)."""
 
     def __init__(self, target_len: int, source_len: int, dim: int, depth: int, heads: int,
-                 dim_head: int, mlp_dim: int, dropout: float = 0.0):
+                 dim_head: int, mlp_dim: int, dropout: float = 0.0, shared_token: bool = False):
         super().__init__()
         self.target_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.source_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.source_token = self.target_token if shared_token else nn.Parameter(torch.zeros(1, 1, dim))
         self.target_pos = nn.Parameter(torch.randn(1, target_len + 1, dim))
         self.source_pos = nn.Parameter(torch.randn(1, source_len + 1, dim))
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout, cross=True)

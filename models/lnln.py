@@ -22,8 +22,9 @@ from data_pipeline.presets import MODALITIES
 from data_pipeline.schema import DataSpec
 
 from .config import ModelConfig
-from .entry import ModelEntry
+from .entry import ModelEntry, ReferenceCheckpoints, dataset_family
 from .layers import CrossTransformer, Discriminator, TokenEncoder, grad_reverse, grl_coefficient, mlp
+from .lnln_reference import from_reference, is_reference
 from .space import ADVERSARIAL_SPACE, OPTIMIZER_SPACE, Dist
 
 
@@ -45,9 +46,11 @@ class HyperModalityLayer(nn.Module):
     The T queries come from the language layer; the output is added to the T hyper tokens.
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, normalized_base: bool = True):
         super().__init__()
         self.heads, self.dim_head, inner = heads, dim_head, heads * dim_head
+        # The reference normalises all four inputs; H_hyper's norm is the base of its update.
+        self.norm_hyper = nn.LayerNorm(dim) if normalized_base else nn.Identity()
         self.norm_d, self.norm_a, self.norm_v = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv_a = nn.Linear(dim, 2 * inner, bias=False)
@@ -65,12 +68,15 @@ class HyperModalityLayer(nn.Module):
 
 
 class HyperModality(nn.Module):
-    """Adaptive hyper-modality learning: one layer per language-encoder output H_D^j."""
+    """Adaptive hyper-modality learning: one layer per language-encoder output H_D^j, each
+    updating H_hyper <- LN_j(H_hyper) + delta_j (or H_hyper + delta_j with `normalized_base` off)."""
 
-    def __init__(self, layers: int, tokens: int, dim: int, heads: int, dim_head: int):
+    def __init__(self, layers: int, tokens: int, dim: int, heads: int, dim_head: int,
+                 normalized_base: bool = True, init: Literal["ones", "normal"] = "ones"):
         super().__init__()
-        self.hyper_tokens = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.layers = nn.ModuleList(HyperModalityLayer(dim, heads, dim_head) for _ in range(layers))
+        start = torch.ones(1, tokens, dim) if init == "ones" else torch.randn(1, tokens, dim) * 0.02
+        self.hyper_tokens = nn.Parameter(start)
+        self.layers = nn.ModuleList(HyperModalityLayer(dim, heads, dim_head, normalized_base) for _ in range(layers))
 
     def forward(self, h_d_list, h_a, h_v) -> tuple[torch.Tensor, torch.Tensor]:
         """-> H_hyper (B, T, d) and the mean |delta| over layers (the sparsity term)."""
@@ -78,7 +84,7 @@ class HyperModality(nn.Module):
         shift = h_a.new_zeros((), dtype=torch.float32)  # a loss term: fp32 under fp16/bf16 too
         for layer, h_d in zip(self.layers, h_d_list):
             delta = layer(h_d, h_a, h_v)
-            h_hyper = h_hyper + delta
+            h_hyper = layer.norm_hyper(h_hyper) + delta
             shift = shift + delta.abs().mean(dtype=torch.float32)
         return h_hyper, shift / len(self.layers)
 
@@ -87,17 +93,18 @@ class Fusion(nn.Module):
     """Cross-modal Transformer, then mean over the non-prepended outputs -> Linear(d -> 1)."""
 
     def __init__(self, tokens: int, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
-                 dropout: float, query: Literal["hyper", "language"]):
+                 dropout: float, query: Literal["hyper", "language"], shared_token: bool = True):
         super().__init__()
         self.query = query
-        self.transformer = CrossTransformer(tokens, tokens, dim, depth, heads, dim_head, mlp_dim, dropout)
+        self.transformer = CrossTransformer(tokens, tokens, dim, depth, heads, dim_head, mlp_dim, dropout,
+                                            shared_token=shared_token)
         self.head = nn.Linear(dim, 1)
 
     def forward(self, h_hyper: torch.Tensor, h_language: torch.Tensor) -> torch.Tensor:
-        if self.query == "hyper":  # spec/lnln.md: queries from H_hyper, keys/values from H_D^3
-            out = self.transformer(h_hyper, h_language)
-        else:  # the reference code's argument order: queries from H_D^3
+        if self.query == "language":  # the reference: queries from H_D^3, keys/values from H_hyper
             out = self.transformer(h_language, h_hyper)
+        else:  # queries from H_hyper (an earlier reading of the paper's figure)
+            out = self.transformer(h_hyper, h_language)
         return self.head(out[:, 1:].mean(dim=1)).squeeze(-1)  # (B,)
 
 
@@ -109,7 +116,7 @@ class LNLN(nn.Module):
         super().__init__()
         opts, adv = cfg.lnln, cfg.adversarial
         d, heads, tokens = cfg.hidden_dim, cfg.num_heads, opts.tokens
-        fusion_depth = opts.fusion_depth or (4 if spec.name.split("-")[0] in ("mosei", "sims") else 2)
+        fusion_depth = opts.fusion_depth or (4 if dataset_family(spec.name) in ("mosei", "sims") else 2)
         self.task_loss = cfg.task_loss
         # The GRL strength follows model.adversarial; its warm-up (the term's weight at 0 for
         # the first epochs) is the trainer's.
@@ -131,12 +138,18 @@ class LNLN(nn.Module):
         })
         # 2. Dominant Modality Correction.
         self.completeness_check = CompletenessCheck(tokens, d, **block)
-        self.proxy_generator = TokenEncoder(2 * tokens, d, tokens=tokens, **block)  # [T ; H_A ; H_V]
+        # Its input: [H_p0 ; H_A ; H_V] with H_p0 learnable and started at ones (the reference),
+        # or [H_A ; H_V]; it prepends its own T tokens to either.
+        self.proxy_input = nn.Parameter(torch.ones(1, tokens, d)) if opts.proxy_input_tokens else None
+        proxy_len = (3 if opts.proxy_input_tokens else 2) * tokens
+        self.proxy_generator = TokenEncoder(proxy_len, d, tokens=tokens, **block)
         self.discriminator = Discriminator(d, 64, 2)
         # 3. Dominant Modality based Multimodal Learning.
         self.language_encoder = TokenEncoder(tokens, d, tokens=0, **block)  # keeps depth + 1 outputs
-        self.hyper_modality = HyperModality(cfg.depth + 1, tokens, d, heads, opts.hyper_dim_head or d // heads)
-        self.fusion = Fusion(tokens, d, fusion_depth, heads, cfg.dim_head, cfg.mlp_dim, cfg.dropout, opts.fusion_query)
+        self.hyper_modality = HyperModality(cfg.depth + 1, tokens, d, heads, opts.hyper_dim_head or d // heads,
+                                            normalized_base=opts.hyper_update == "normalized", init=opts.hyper_init)
+        self.fusion = Fusion(tokens, d, fusion_depth, heads, cfg.dim_head, cfg.mlp_dim, cfg.dropout, opts.fusion_query,
+                             shared_token=opts.fusion_token == "shared")
         # 4. Reconstructor (training only): incomplete H_m -> complete H_m.
         self.reconstructor = nn.ModuleDict({m: TokenEncoder(tokens, d, tokens=0, **block) for m in MODALITIES})
 
@@ -151,7 +164,8 @@ class LNLN(nn.Module):
         w = self.completeness_check(h_l)  # (B, 1)
         if self.fixed_completeness is not None:
             w = torch.full_like(w, self.fixed_completeness)
-        h_p = self.proxy_generator(torch.cat([h_a, h_v], dim=1))  # (B, T, d)
+        proxy_in = [h_a, h_v] if self.proxy_input is None else [self.proxy_input.expand(h_a.shape[0], -1, -1), h_a, h_v]
+        h_p = self.proxy_generator(torch.cat(proxy_in, dim=1))  # (B, T, d)
         w3 = w.unsqueeze(-1)  # (B, 1, 1)
         lam = grl_coefficient(progress, **self.grl_schedule)
         # H_D = w * H_L + (1 - w) * H_P; H_P enters the adversarial path through the GRL.
@@ -319,6 +333,9 @@ ENTRY = ModelEntry(
         **OPTIMIZER_SPACE,
     },
     adversarial_terms=("adversarial",),
+    dataset_loss_terms={"sims": {"adversarial": 0.6}},  # the reference's SIMS setting (spec/lnln.md)
     rows_independent=True,  # task/completeness/reconstruction MSE, discriminator CE, sparsity: row means
     check_config=check_config,
+    reference_checkpoints=ReferenceCheckpoints("the authors' LNLN (github.com/Haoyu-ha/LNLN)", is_reference,
+                                               from_reference),
 )

@@ -103,6 +103,30 @@ def data_convert(
     console.print(f"wrote {out} ({', '.join(f'{k} {v}' for k, v in data.spec.split_sizes.items())})")
 
 
+@data_app.command("export")
+def data_export(
+    store: Path = typer.Argument(..., help="A Parquet dataset directory (converted or synthesized)."),
+    out: Path = typer.Option(..., "--out", help="Output file (e.g. unaligned_50.pkl)."),
+    format: DataFormat = typer.Option(DataFormat.mmsa_pkl, "--format", help="Only mmsa-pkl: the store is Parquet already."),
+    force: bool = typer.Option(False, help="Replace an existing output."),
+) -> None:
+    """Write a Parquet dataset as an MMSA pickle (every key MMSA-style loaders read; atomic)."""
+    from data_pipeline.mmsa import write_mmsa
+    from data_pipeline.store import read_store
+
+    if format is not DataFormat.mmsa_pkl:
+        raise MsaSearchError(f"--format {format.value}: {store} is a Parquet store already; export writes mmsa-pkl")
+    refuse_existing(out, force)
+    with _progress() as progress:
+        task = progress.add_task(f"reading {store.name}", total=2)
+        dataset = read_store(store)
+        progress.advance(task)
+        progress.update(task, description=f"writing {out.name}")
+        write_mmsa(dataset, out, force=force)
+        progress.advance(task)
+    console.print(f"wrote mmsa-pkl {out} ({', '.join(f'{k} {v}' for k, v in dataset.spec.split_sizes.items())})")
+
+
 @data_app.command("inspect")
 def data_inspect(store: Path = typer.Argument(..., help="A Parquet dataset directory.")) -> None:
     """Show splits, sizes, dims and the label histogram of a Parquet dataset."""
@@ -124,6 +148,9 @@ def train(
     set_: list[str] = SET_OPTION,
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
     address: str = ADDRESS_OPTION,
+    init_from: Path = typer.Option(None, "--init-from",
+                                   help="Start from these weights: a checkpoint of ours (checkpoints/last.pt or a "
+                                        "state dict) or of the reference LNLN code (.pth); a new run only."),
 ) -> None:
     """Run one training run: per-epoch metrics on valid and test over the missing-pattern grid.
 
@@ -131,17 +158,20 @@ def train(
     (deepspeed or ddp)."""
     from .config import load_config
 
+    if resume is not None and init_from is not None:
+        raise MsaSearchError("--init-from starts a new run; --resume continues one from its own checkpoint")
     cfg = None if resume is not None else load_config(config, set_)
     if resume is not None or cfg.train.workers >= 1:
         from .distributed import train_distributed
 
-        out, metrics = train_distributed(cfg, resume_dir=resume, console=err_console, ray_address=address)
+        out, metrics = train_distributed(cfg, resume_dir=resume, console=err_console, ray_address=address,
+                                         init_from=init_from)
         console.print(f"done: {out} (config.yaml, results/, checkpoints/); "
                       f"last epoch valid robust_f1 {metrics.get('robust_f1', float('nan')):.4f}")
         return
     from .run import train_in_process
 
-    state, out = train_in_process(cfg, console=err_console)
+    state, out = train_in_process(cfg, console=err_console, init_from=init_from)
     console.print(f"done: {out} (config.yaml, results/, checkpoints/); "
                   f"last epoch valid {cfg.search.objective} {state.history[-1].objective:.4f}")
 
@@ -179,6 +209,7 @@ def _print_status(exp: Path) -> None:
 
     from .export import load_experiment, score_trials, trial_states
     from .objective import HELD_OUT_PATTERNS
+    from .report_data import text_missing_note
 
     layout, cfg, df = load_experiment(exp)
     states = trial_states(layout)
@@ -189,6 +220,7 @@ def _print_status(exp: Path) -> None:
     console.print(f"best so far: trial {best.trial_id} epoch {best.epoch} "
                   f"{cfg.search.objective} (valid) {best.objective:.4f}")
     rows = df[(df.trial_id == best.trial_id) & (df.epoch == best.epoch)]
+    console.print(text_missing_note(cfg))
     table = Table(title=f"trial {best.trial_id}, epoch {best.epoch} (* = held out of the objective)")
     for col in ("pattern", "valid f1_non0", "test f1_non0", "test acc2_non0", "test mae", "test corr"):
         table.add_column(col, justify="left" if col == "pattern" else "right")
@@ -224,6 +256,30 @@ def export_cmd(
 
     for path in export_best(exp, out, top=top, objective=objective):
         console.print(f"wrote {path}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint",
+                                    help="Weights: a checkpoint of ours (checkpoints/last.pt or a state dict) or of "
+                                         "the reference LNLN code (.pth), told apart by its names."),
+    config: Path = typer.Option(..., "--config", help="Config that builds the model and names the data and the grid."),
+    set_: list[str] = SET_OPTION,
+    out: Path = typer.Option(None, "--out", help="New run directory (default: eval-<checkpoint name>)."),
+) -> None:
+    """Evaluate a checkpoint over missing.eval_grid on valid and test, without training.
+
+    Writes DIR/config.yaml and DIR/results/ (epoch 0, trial_id = the checkpoint's file stem),
+    which `msa-search report DIR` reads like a run."""
+    from .config import load_config
+    from .evaluate_checkpoint import evaluate_checkpoint, results_table
+
+    cfg = load_config(config, set_)
+    with err_console.status(f"evaluating {checkpoint.name} on {len(cfg.missing.eval_grid)} patterns"):
+        evaluation = evaluate_checkpoint(checkpoint, cfg, out or Path(f"eval-{checkpoint.stem}"),
+                                         on_skip=err_console.print)
+    console.print(results_table(evaluation, cfg))
+    console.print(f"wrote {evaluation.out} (config.yaml, results/)")
 
 
 @app.command("report")

@@ -166,6 +166,8 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"config key 'model.loss_weights.{unknown[0]}': not a loss term of model "
                              f"'{entry.name}' (got {unknown[0]}={self.model.loss_weights[unknown[0]]}); "
                              f"its terms are {', '.join(entry.loss_terms)}")
+        if self.missing.train_mode is None:
+            self.missing.train_mode = entry.train_missing
         if entry.check_config is not None:
             try:
                 entry.check_config(self.model)

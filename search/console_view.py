@@ -103,12 +103,21 @@ class SearchProgress:
         return line
 
     def sync_states(self, trials) -> None:
-        """Pending and paused come from Tune's own list (no event announces them)."""
+        """States from Tune's own list: pending and paused (no event announces them), and
+        trials that a resumed search restores as ended without an event."""
         for t in trials:
             status = str(t.status).lower()
             line = self.trials.setdefault(t.trial_id, TrialLine())
-            if status in ("pending", "paused") and line.status in ("pending", "running", "paused"):
+            if line.status not in ("pending", "running", "paused"):
+                continue  # ended here already
+            if status in ("pending", "paused"):
                 line.status = status
+            elif status == "terminated":
+                # Its last epoch may be newer than the snapshot this view was restored from.
+                line.epoch = max(line.epoch, int((getattr(t, "last_result", None) or {}).get("epoch", -1)))
+                self.ended(t.trial_id)
+            elif status == "error":
+                self.ended(t.trial_id, error=line.reason or "see the log")
 
     # --- derived ---
     def by_state(self) -> Counter:
@@ -279,6 +288,8 @@ class ConsoleView(tune.Callback):
     def on_experiment_end(self, trials, **info) -> None:
         self.progress.sync_states(trials)
         self._draw(force=True)
+        if _DISPLAY is not None and not _DISPLAY.interactive:
+            _DISPLAY.line(f"search ended | {self.progress.best_line()} | {self.progress.summary()}")
 
     def _event(self, trial_id: str, what: str, style: str | None = None) -> None:
         if _DISPLAY is None:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
 
 from data_pipeline.errors import MsaSearchError
 from data_pipeline.source import prepare_store
+from data_pipeline.store import read_spec
 
 from .config import ExperimentConfig, load_config
 from .layout import Layout
 from .devices import place, visible_gpus
 from .ray_setup import cluster_of, ensure_ray, torch_trainer
-from .run import check_new_run_dir, prepare_run_dir
+from .run import check_new_run_dir, new_run_dir
 from .shared_data import share_splits
+from .weights import init_weights, read_checkpoint
 
 
 def cpu_layout_hint(cfg: ExperimentConfig, gpu: bool) -> str | None:
@@ -37,8 +40,12 @@ def cpu_layout_hint(cfg: ExperimentConfig, gpu: bool) -> str | None:
 
 
 def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None = None,
-                      console: Console | None = None, ray_address: str | None = None) -> tuple[Path, dict]:
-    """Run (or resume) one distributed training run. Returns the run dir and the last metrics."""
+                      console: Console | None = None, ray_address: str | None = None,
+                      init_from: Path | None = None) -> tuple[Path, dict]:
+    """Run (or resume) one distributed training run. Returns the run dir and the last metrics.
+    `init_from` (a new run only): a checkpoint whose weights every worker starts from."""
+    import ray
+
     from .callbacks import TrainResultsCallback
 
     console = console or Console(stderr=True, markup=False)
@@ -53,12 +60,14 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
         raise MsaSearchError("train.workers must be >= 1 for a distributed run")
     if resume_dir is None:
         check_new_run_dir(layout.root)
+    saved = read_checkpoint(init_from) if init_from is not None else None
     # Decided before anything is written: a refusal leaves no half-made run directory.
     placement = place(cfg, cluster_of(ray_address), visible_gpus())
-    if resume_dir is None:
-        prepare_run_dir(layout.root)
-        layout.config.write_text(cfg.to_yaml())  # as written: a resume may run on another cluster
-    store = prepare_store(cfg.data, layout.data)
+    with new_run_dir(layout.root) if resume_dir is None else nullcontext():  # undone if the run cannot start
+        if resume_dir is None:
+            layout.config.write_text(cfg.to_yaml())  # as written: a resume may run on another cluster
+        store = prepare_store(cfg.data, layout.data)
+        init = None if saved is None else init_weights(saved, init_from, cfg, read_spec(store), console.print)
     ensure_ray(ray_address)
     for line in placement.warnings:
         console.print(line, highlight=False)
@@ -69,7 +78,8 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
     run_id = layout.root.name
     trainer = torch_trainer(cfg, data=share_splits(store), name="train", storage_path=layout.checkpoints,
                             checkpoint_key=hashlib.blake2b(str(layout.root).encode(), digest_size=6).hexdigest(),
-                            callbacks=[TrainResultsCallback(layout.root, run_id, cfg)])
+                            callbacks=[TrainResultsCallback(layout.root, run_id, cfg)],
+                            init_weights=None if init is None else ray.put(init))
     stop = threading.Event()
     watcher = threading.Thread(target=_print_epochs, args=(layout, cfg, console, stop), daemon=True)
     watcher.start()

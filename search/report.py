@@ -66,7 +66,8 @@ def robustness_curves(inputs: ReportInputs) -> tuple[go.Figure, str]:
                       xaxis_title="intra missing rate", yaxis_title=inputs.metric,
                       updatemenus=[{"buttons": buttons, "x": 1.0, "xanchor": "right", "y": 1.15, "yanchor": "top"}])
     return fig, (f"Each trial at its last epoch; the thick black line is the best trial ({best}, by "
-                 f"{inputs.cfg.search.objective} on valid). The menu switches between the test and valid splits.")
+                 f"{inputs.cfg.search.objective} on valid). The menu switches between the test and valid splits. "
+                 f"{data.text_missing_note(inputs.cfg)}")
 
 
 def pattern_heatmap(inputs: ReportInputs) -> tuple[go.Figure, str]:

@@ -99,6 +99,16 @@ def quiet_optuna():
         optuna.logging.set_verbosity(level)
 
 
+def text_missing_note(cfg: ExperimentConfig) -> str:
+    """How text went missing: on precomputed features a dropped token's contextual vector is
+    zeroed while its neighbours' vectors still encode it, weaker than the papers' [UNK] tokens
+    before a fine-tuned BERT. Results are not comparable across the two modes."""
+    if cfg.model.text_encoder == "features":
+        return ("Text missing simulated on features (dropped tokens' precomputed BERT vectors zeroed; the "
+                "papers replace them with [UNK] before BERT).")
+    return "Text missing as in the papers: dropped tokens replaced with [UNK] before BERT."
+
+
 def held_out_patterns(cfg: ExperimentConfig) -> list[str]:
     """Grid patterns the objective never saw: the fixed held-out ones and any left out of
     search.objective_patterns. Their test numbers show whether the search overfit."""

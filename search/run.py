@@ -4,9 +4,11 @@ Writes the run layout of DESIGN.md: DIR/config.yaml, DIR/results/ (Parquet), DIR
 """
 from __future__ import annotations
 
+import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from rich.console import Console
@@ -20,7 +22,8 @@ from .config import ExperimentConfig
 from .layout import Layout
 from .results import EpochReport, ResultsStore, RunInfo
 from .devices import in_process_device
-from .trainer import TrainState, checkpoint_due, fit, save_state
+from .trainer import TrainState, build_state, checkpoint_due, fit, save_state
+from .weights import init_weights, read_checkpoint
 
 
 def check_new_run_dir(out: Path) -> None:
@@ -33,19 +36,43 @@ def prepare_run_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+@contextmanager
+def new_run_dir(out: Path) -> Iterator[None]:
+    """Make `out` (absent or empty) for a run; if the block fails (bad data, weights that do not
+    fit), remove what it wrote, so that the same command can run again once the cause is fixed."""
+    existed = out.exists()
+    prepare_run_dir(out)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        for child in out.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        raise
+
+
 def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_progress: bool = True,
-                     console: Console | None = None) -> tuple[TrainState, Path]:
+                     console: Console | None = None, init_from: Path | None = None) -> tuple[TrainState, Path]:
+    """`init_from`: a checkpoint (ours or a reference code's) whose weights the run starts from."""
     layout = Layout(Path(cfg.output.dir))
-    prepare_run_dir(layout.root)
-    layout.config.write_text(cfg.to_yaml())
+    saved = read_checkpoint(init_from) if init_from is not None else None  # before anything is written
+    console = console or Console(stderr=True, markup=False)
+    with new_run_dir(layout.root):  # undone if the run cannot start
+        layout.config.write_text(cfg.to_yaml())
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        device = in_process_device(cfg)
+        splits = load_splits(prepare_store(cfg.data, layout.data))
+        init = None if saved is None else init_weights(saved, init_from, cfg, splits["train"].spec, console.print)
+        state = build_state(cfg, splits["train"], device, init_weights=init)
     run = RunInfo.of(layout.root.name, run_id or layout.root.name, cfg)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = in_process_device(cfg)
-    splits = load_splits(prepare_store(cfg.data, layout.data))
     store = ResultsStore(layout.results)
     layout.checkpoints.mkdir(exist_ok=True)
-    console = console or Console(stderr=True, markup=False)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
                         disable=not (show_progress and console.is_terminal))
@@ -66,5 +93,5 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
 
     with progress if show_progress else nullcontext():
         task = progress.add_task(f"train {cfg.model.name}", total=cfg.train.epochs, info="")
-        state = fit(cfg, splits, device=device, on_epoch=on_epoch, on_step=on_step)
+        state = fit(cfg, splits, device=device, on_epoch=on_epoch, on_step=on_step, state=state)
     return state, layout.root

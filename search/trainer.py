@@ -70,12 +70,17 @@ def param_dtype(model: nn.Module) -> torch.dtype:
     return next(unwrap(model).parameters()).dtype
 
 
-def build_state(cfg: ExperimentConfig, train: SplitTensors, device: torch.device, world_size: int = 1) -> TrainState:
+def build_state(cfg: ExperimentConfig, train: SplitTensors, device: torch.device, world_size: int = 1,
+                init_weights: dict[str, torch.Tensor] | None = None) -> TrainState:
+    """A fresh state; `init_weights` (search/weights.py, checked to fit) replace the initial weights."""
     configure_torch(cfg, device)
     seed_everything(cfg.train.seed)
     entry = get_model(cfg.model.name)
-    weights = entry.loss_weights(cfg.model.loss_weights)
-    model = entry.build(cfg.model, train.spec).to(device)
+    weights = entry.loss_weights(cfg.model.loss_weights, train.spec.name)
+    model = entry.build(cfg.model, train.spec)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    model = model.to(device)
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_lr_schedule(optimizer, cfg, len(train), world_size)
     disc_optimizer = None

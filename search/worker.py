@@ -42,10 +42,14 @@ class Rank:
 
 
 def worker_loop(loop_config: dict) -> None:
+    import ray
+
     cfg = ExperimentConfig.model_validate(loop_config["config"], context=TRIAL_CONTEXT)  # checked by the driver
     me = _rank(cfg)
     splits, data_mb = loop_config["data"].load_measured()  # the node's one copy in the object store
-    state = build_state(cfg, splits["train"], me.device, world_size=me.world_size)
+    init = loop_config.get("init_weights")  # train --init-from: in the object store, checked by the driver
+    state = build_state(cfg, splits["train"], me.device, world_size=me.world_size,
+                        init_weights=None if init is None else ray.get(init))
     engine, step = setup_engine(state, cfg)
     resume_from_checkpoint(state, engine, me.device)
     splits = stage_splits(splits, me.device)

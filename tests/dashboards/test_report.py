@@ -180,6 +180,7 @@ def test_report_has_every_section_with_held_out_patterns_marked(search_exp, sear
     best = max(told, key=told.get)
     assert re.search(rf"{best} at epoch \d: robust_f1 \(valid\) = {told[best]:.4f}", page)
     assert "lnln on mosi-aligned" in page and "6 complete, 1 fail" in page
+    assert "Text missing simulated on features" in shown["robustness"], "features-mode curves are marked"
 
 
 def test_views_show_the_trials_the_store_holds(search_exp):

@@ -118,3 +118,34 @@ def test_synthetic_signal_is_language_dominant_complementary_and_degrades_with_m
     assert audio_vision < text_only, "language must dominate"
     assert full > text_only + 0.02, "fusion must help (audio/vision carry what text lacks)"
     assert degraded < full - 0.1, "a 90% missing rate must hurt"
+
+
+def test_a_store_without_transcripts_exports_empty_raw_text_for_mmsa_loaders(tmp_path, tiny_mosi):
+    import pickle
+    from dataclasses import replace
+
+    from data_pipeline.schema import MSADataset
+
+    bare = MSADataset(tiny_mosi.spec, {k: replace(v, raw_text=None) for k, v in tiny_mosi.splits.items()})
+    back = read_store(write_store(bare, tmp_path / "store"))
+    data = pickle.loads(write_mmsa(back, tmp_path / "x.pkl").read_bytes())
+    for split in SPLITS:
+        assert list(data[split]["raw_text"]) == [""] * len(data[split]["regression_labels"])
+        assert {"id", "text", "text_bert", "audio", "vision", "audio_lengths", "vision_lengths",
+                "regression_labels", "raw_text"} <= set(data[split])
+
+
+def test_synthetic_token_ids_carry_the_language_sentiment():
+    from data_pipeline.synth import NEGATIVE_IDS, POSITIVE_IDS
+
+    ds = synthesize("mosi-aligned", seed=5, scale=0.2)
+    train = ds.split("train")
+    ids, attention = train.text_bert[:, 0], train.text_bert[:, 1].astype(bool)
+    positive = (np.isin(ids, POSITIVE_IDS) & attention).sum(axis=1)
+    negative = (np.isin(ids, NEGATIVE_IDS) & attention).sum(axis=1)
+    score = (positive - negative) / attention.sum(axis=1)
+    # A bag-of-words count alone predicts the label's sign well above chance.
+    nonzero = train.labels != 0
+    agreement = (np.sign(score[nonzero]) == np.sign(train.labels[nonzero])).mean()
+    assert agreement > 0.7, agreement
+    assert np.corrcoef(score, train.labels)[0, 1] > 0.5

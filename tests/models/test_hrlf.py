@@ -103,15 +103,19 @@ def test_losses_are_the_named_terms_finite_and_nonzero(estimator):
     assert terms["frf"].item() == pytest.approx(subs.item(), rel=1e-5)
 
 
-def test_soft_orthogonality_is_scale_free_and_zero_for_orthogonal_features():
+def test_soft_orthogonality_is_scale_free_and_the_frobenius_option_is_the_spec_norm():
     g = torch.Generator().manual_seed(0)
     q, u = torch.randn(32, 6, generator=g), torch.randn(32, 6, generator=g)
+    frobenius = soft_orthogonality(q, u, "frobenius").item()
+    assert frobenius == pytest.approx(torch.linalg.matrix_norm(q.T @ u).item() ** 2, rel=1e-5)
+    assert tiny_model(disentanglement="frobenius").student.frf.disentanglement == "frobenius"
     value = soft_orthogonality(q, u)
     assert 0.0 < value.item() < 1.0
-    assert soft_orthogonality(3.0 * q, 0.01 * u).item() == pytest.approx(value.item(), rel=1e-5)
+    assert soft_orthogonality(3.0 * q, 0.01 * u, "cosine").item() == pytest.approx(value.item(), rel=1e-5)
     basis = torch.eye(8)
-    assert soft_orthogonality(basis[:, :4], basis[:, 4:]).item() == 0.0
-    assert soft_orthogonality(q, q).item() > value.item()
+    for kind in ("frobenius", "cosine"):
+        assert soft_orthogonality(basis[:, :4], basis[:, 4:], kind).item() == 0.0
+        assert soft_orthogonality(q, q, kind).item() > soft_orthogonality(q, u, kind).item()
 
 
 def test_teacher_pretraining_trains_the_teacher_alone():
@@ -216,8 +220,19 @@ def test_quick_config_builds_hrlf_with_mixture_training():
 def test_hmi_scale_weights_must_match_the_scales():
     with pytest.raises(ValueError, match="hmi_scale_weights needs 4 values"):
         ModelConfig.model_validate({"hrlf": {"hmi_scale_weights": [1.0, 1.0]}})
-    model = tiny_model(hmi_scale_weights=[2.0, 1.0, 1.0, 0.0])
+    # spec/hrlf.md: HMI is the sum over scales, weights 1 each unless given; "mean" normalises.
+    assert tiny_model().hmi_scale_weights.tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert tiny_model(hmi_scale_weights=[2.0, 1.0, 1.0, 0.0]).hmi_scale_weights.tolist() == [2.0, 1.0, 1.0, 0.0]
+    model = tiny_model(hmi_scale_weights=[2.0, 1.0, 1.0, 0.0], hmi_reduction="mean")
     assert model.hmi_scale_weights.tolist() == [0.5, 0.25, 0.25, 0.0]
+
+
+def test_hrlf_trains_on_the_spec_mixture_unless_told_otherwise():
+    cfg = ExperimentConfig.model_validate({"model": {"name": "hrlf"}})
+    assert cfg.missing.train_mode == "mixture" and cfg.missing.inter_fraction == 0.3
+    assert ExperimentConfig.model_validate({"model": {"name": "lnln"}}).missing.train_mode == "lnln"
+    told = ExperimentConfig.model_validate({"model": {"name": "hrlf"}, "missing": {"train_mode": "lnln"}})
+    assert told.missing.train_mode == "lnln"
 
 
 def test_hrlf_learns_on_synthetic_mosi_aligned_and_dropping_text_hurts():
@@ -228,7 +243,7 @@ def test_hrlf_learns_on_synthetic_mosi_aligned_and_dropping_text_hurts():
     cfg = ExperimentConfig.model_validate({
         "model": {"name": "hrlf", "hidden_dim": 32, "num_heads": 4, "dim_head": 16, "mlp_dim": 32,
                   "hrlf": {"fusion_dims": [64, 32, 16]}, "adversarial": {"disc_steps": 2}},
-        "missing": {"train_mode": "mixture", "eval_grid": ["intra:0.0"]},
+        "missing": {"eval_grid": ["intra:0.0"]},  # HRLF's default training distribution: the mixture
         "train": {"epochs": 4, "batch_size": 32, "lr": 2e-3, "device": "cpu"}})
     state = fit(cfg, splits, device=torch.device("cpu"))
     # The trainer logs the FRF sub-terms next to the weighted terms.

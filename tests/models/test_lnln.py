@@ -113,18 +113,19 @@ def test_grl_reverses_adversarial_gradient_reaching_proxy_generator(monkeypatch,
     assert cosine < -0.999
 
 
-def test_task_gradient_is_reversed_only_with_shared_grl_placement(monkeypatch):
+def test_task_gradient_is_reversed_by_default_and_not_with_adversarial_grl_placement(monkeypatch):
     batch = tiny_batch()
 
     def task_grad(model):
         return grads(model, model.losses(model.train()(batch), batch)["task"], model.proxy_generator)
 
-    default, shared = tiny_model(), tiny_model(grl_placement="shared")
-    g_default, g_shared = task_grad(default), task_grad(shared)
+    default, adversarial = tiny_model(), tiny_model(grl_placement="adversarial")
+    g_default, g_adversarial = task_grad(default), task_grad(adversarial)
     monkeypatch.setattr(lnln_module, "grad_reverse", lambda x, lambd: x)
     g_plain = task_grad(tiny_model())
-    assert torch.allclose(g_default, g_plain, atol=1e-7)  # DANN: only the discriminator path reverses
-    assert torch.allclose(g_shared, -g_plain, atol=1e-7)  # the reference code's placement
+    assert g_plain.abs().sum() > 0
+    assert torch.allclose(g_default, -g_plain, atol=1e-7)  # the reference: GRL on the shared path
+    assert torch.allclose(g_adversarial, g_plain, atol=1e-7)  # DANN: only the discriminator path reverses
 
 
 def test_grad_reverse_is_identity_forward_and_scaled_negation_backward():
@@ -276,10 +277,70 @@ def test_bert_text_encoder_without_local_weights_raises_clear_error(tmp_path):
 
 def test_every_lnln_option_is_reachable_from_the_config():
     # Built from its config alone: each option of model.lnln changes the module it builds.
-    model = LNLN(tiny_config(fusion_depth=3, hyper_dim_head=4, grl_placement="shared", fusion_query="language",
-                             detach_reconstruction_target=True, fixed_completeness=0.5, length_buckets=2), SPEC)
-    assert len(model.fusion.transformer.transformer.blocks) == 3 and model.fusion.query == "language"
+    model = LNLN(tiny_config(fusion_depth=3, hyper_dim_head=4, grl_placement="adversarial", fusion_query="hyper",
+                             fusion_token="separate", hyper_update="raw", hyper_init="normal",
+                             proxy_input_tokens=False, detach_reconstruction_target=True, fixed_completeness=0.5,
+                             length_buckets=2), SPEC)
+    assert len(model.fusion.transformer.transformer.blocks) == 3 and model.fusion.query == "hyper"
+    assert model.fusion.transformer.source_token is not model.fusion.transformer.target_token
     assert model.hyper_modality.layers[0].dim_head == 4
-    assert model.grl_placement == "shared" and model.detach_reconstruction_target
+    assert isinstance(model.hyper_modality.layers[0].norm_hyper, torch.nn.Identity)
+    assert model.hyper_modality.hyper_tokens.abs().max() < 0.5, "N(0, 0.02^2), not ones"
+    assert model.proxy_input is None and model.proxy_generator.seq_len == 2 * 4
+    assert model.grl_placement == "adversarial" and model.detach_reconstruction_target
     assert model.fixed_completeness == 0.5 and model.embeddings["text"].length_buckets == 2
     assert model.embeddings["text"].num_tokens == 4
+
+
+def test_defaults_are_the_reference_forward_pass():
+    model = tiny_model()
+    assert model.grl_placement == "shared" and model.fusion.query == "language"
+    assert model.fusion.transformer.source_token is model.fusion.transformer.target_token, "one shared token"
+    assert torch.equal(model.hyper_modality.hyper_tokens, torch.ones_like(model.hyper_modality.hyper_tokens))
+    assert torch.equal(model.proxy_input, torch.ones(1, 4, 32))
+    # [H_p0 ; H_A ; H_V] plus the generator's own T tokens: 4T positions.
+    assert model.proxy_generator.seq_len == 3 * 4 and model.proxy_generator.pos_embedding.shape[1] == 4 * 4
+    assert all(isinstance(layer.norm_hyper, torch.nn.LayerNorm) for layer in model.hyper_modality.layers)
+    assert model.hyper_modality.layers[0].dim_head == 32 // 4  # d / heads
+
+
+def test_each_hyper_modality_layer_updates_the_normalised_hyper_tokens():
+    # The reference: H_hyper <- LN_j(H_hyper) + delta_j, so the raw start never survives as a base.
+    torch.manual_seed(0)
+    model = tiny_model()
+    hyper = model.hyper_modality
+    h = [torch.randn(2, 4, 32) for _ in range(3)]
+    h_a, h_v = torch.randn(2, 4, 32), torch.randn(2, 4, 32)
+    with torch.no_grad():
+        hyper.hyper_tokens.normal_()
+        got, _ = hyper(h, h_a, h_v)
+        expected = hyper.hyper_tokens.expand(2, -1, -1)
+        for layer, h_d in zip(hyper.layers, h):
+            expected = layer.norm_hyper(expected) + layer(h_d, h_a, h_v)
+        raw = hyper.hyper_tokens.expand(2, -1, -1) + sum(layer(h_d, h_a, h_v) for layer, h_d in zip(hyper.layers, h))
+    assert torch.allclose(got, expected, atol=1e-6) and not torch.allclose(got, raw, atol=1e-3)
+
+
+@torch.no_grad()
+def test_fusion_takes_its_queries_from_the_language_stream():
+    # Cross-attention only: output position i of the queried stream depends on that stream's
+    # position i and on every key/value position. Perturbing H_D^3 at one position must change
+    # one output position; perturbing H_hyper changes them all.
+    torch.manual_seed(0)
+    fusion = tiny_model().eval().fusion.transformer
+    h_language, h_hyper = torch.randn(2, 4, 32), torch.randn(2, 4, 32)
+
+    def changed_positions(language, hyper):
+        before = fusion(h_language, h_hyper)  # what Fusion calls for query "language"
+        after = fusion(language, hyper)
+        return ((after - before).abs().amax(dim=(0, 2)) > 1e-6).nonzero().flatten().tolist()
+
+    bumped = h_language.clone()
+    bumped[:, 2] += torch.randn(2, 32)  # not a constant: the pre-norms would remove it
+    assert changed_positions(bumped, h_hyper) == [1 + 2], "the prepended token sits at 0"
+    assert changed_positions(h_language, h_hyper + torch.randn_like(h_hyper)) == list(range(5))
+    model = tiny_model().eval()
+    calls = []
+    model.fusion.transformer.forward = lambda target, source: calls.append((target, source)) or torch.zeros(2, 5, 32)
+    model.fusion(h_hyper, h_language)
+    assert calls[0][0] is h_language and calls[0][1] is h_hyper

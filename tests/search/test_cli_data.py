@@ -27,6 +27,20 @@ def test_synth_convert_inspect_pipeline(tmp_path):
     for split, n in (("train", 27), ("valid", 9), ("test", 9)):
         assert any(line.replace("│", " ").split()[:2] == [split, str(n)] for line in out.splitlines()), split
     assert "label histogram" in out
+    # ... and back to an MMSA pickle: the same arrays as the pickle it came from.
+    r = cli("data", "export", "s", "--format", "mmsa-pkl", "--out", "back.pkl", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    import pickle
+
+    import numpy as np
+
+    first, back = (pickle.loads((tmp_path / name).read_bytes()) for name in ("s.pkl", "back.pkl"))
+    for split in ("train", "valid", "test"):
+        assert set(first[split]) == set(back[split]), split
+        for key, value in first[split].items():
+            assert np.array_equal(np.asarray(value), np.asarray(back[split][key])), (split, key)
+    refused = cli("data", "export", "s", "--out", "back.pkl", cwd=tmp_path)
+    assert refused.returncode != 0 and "exists" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_synth_parquet_is_identical_for_the_same_seed(tmp_path):

@@ -91,3 +91,42 @@ def test_evaluation_rows_default_per_device_and_follow_the_config():
     assert train.model_copy(update={"eval_batch_size": 300}).eval_rows("cuda") == 300
     with pytest.raises(ConfigError, match="train.eval_batch_size"):
         load_config(None, ["train.eval_batch_size=0"])
+
+
+def test_lnln_forward_pass_options_can_be_searched():
+    cfg = ExperimentConfig.model_validate({"search": {"space": {
+        "model.lnln.grl_placement": {"choice": ["shared", "adversarial"]},
+        "model.lnln.hyper_update": {"choice": ["normalized", "raw"]}}}})
+    space = cfg.search_space()
+    assert space["model.lnln.grl_placement"].choices == ("shared", "adversarial")
+    trial = cfg.with_params({"model.lnln.grl_placement": "adversarial", "model.lnln.hyper_update": "raw"})
+    assert (trial.model.lnln.grl_placement, trial.model.lnln.hyper_update) == ("adversarial", "raw")
+    with pytest.raises(ValueError, match="search.space.model.lnln.fusion_query.*sideways.*'language' or 'hyper'"):
+        ExperimentConfig.model_validate({"search": {"space": {"model.lnln.fusion_query": {"choice": ["sideways"]}}}})
+
+
+@pytest.mark.parametrize("model", ["lnln", "hrlf"])
+@pytest.mark.parametrize("dataset", ["mosi", "mosei", "sims"])
+def test_full_size_configs_build_their_models_with_the_datasets_defaults(model, dataset):
+    from data_pipeline.presets import get_preset
+    from data_pipeline.schema import DataSpec
+    from models.registry import get_model
+
+    cfg = load_config(CONFIGS / f"{model}_{dataset}.yaml")
+    assert (cfg.data.preset, cfg.data.scale, cfg.train.epochs, cfg.train.batch_size) == (dataset, 1.0, 200, 64)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_epochs, cfg.train.grad_clip) == (1e-4, 1e-4, 20, 0.0)
+    assert cfg.model.loss_weights == {}, "per-dataset weights come from the registry, not the YAML"
+    p = get_preset(dataset)
+    spec = DataSpec(name=dataset, text_len=p.text_len, audio_len=p.audio_len, vision_len=p.vision_len,
+                    text_dim=p.text_dim, audio_dim=p.audio_dim, vision_dim=p.vision_dim, label_min=-p.label_max,
+                    label_max=p.label_max, has_text_bert=True, text_special_tokens=True)
+    entry = get_model(model)
+    built = entry.build(cfg.model, spec)
+    weights = entry.loss_weights(cfg.model.loss_weights, spec.name)
+    if model == "lnln":
+        assert len(built.fusion.transformer.transformer.blocks) == (2 if dataset == "mosi" else 4)
+        assert weights["adversarial"] == (0.6 if dataset == "sims" else 0.8)
+        if dataset == "mosi":
+            assert 6.3e6 < sum(t.numel() for t in built.parameters()) < 6.6e6  # the reference: 6.48M
+    else:
+        assert cfg.missing.train_mode == "mixture" and weights == entry.loss_terms

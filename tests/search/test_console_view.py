@@ -88,8 +88,9 @@ def test_the_terminal_panel_shows_running_trials_best_errors_and_ray_warnings(cf
 
 
 class FakeTrial:  # what Tune hands callbacks: an id, a status, an error file
-    def __init__(self, trial_id: str, status: str = "RUNNING"):
+    def __init__(self, trial_id: str, status: str = "RUNNING", last_result: dict | None = None):
         self.trial_id, self.status, self.error_file = trial_id, status, None
+        self.last_result = last_result or {}
 
 
 def test_the_view_writes_one_line_per_event_off_a_terminal_and_survives_pickling(cfg):
@@ -102,10 +103,14 @@ def test_the_view_writes_one_line_per_event_off_a_terminal_and_survives_pickling
         view.on_trial_result(1, [trial], trial, result(0, 0.42))
         view.on_step_end(2, [trial, FakeTrial("t2", "PENDING")])
         view.on_trial_complete(3, [trial], trial)
+        # A resumed search restores trials that ended before the crash, with no event.
+        view.on_experiment_end([trial, FakeTrial("t2", "TERMINATED", {"epoch": 2}), FakeTrial("t0", "ERROR")])
     lines = stream.getvalue().splitlines()
     assert [line.split(" | ")[0] for line in lines] == [
-        "trial t1 started", "trial t1 epoch 1/3 robust_f1 0.4200 (new best)", "trial t1 stopped early after 1 epochs"]
-    assert "trials 2/4: 1 pending, 1 stopped early" in lines[-1]
+        "trial t1 started", "trial t1 epoch 1/3 robust_f1 0.4200 (new best)", "trial t1 stopped early after 1 epochs",
+        "search ended"]
+    assert "trials 2/4: 1 pending, 1 stopped early" in lines[-2]
+    assert "trials 3/4: 1 completed, 1 stopped early, 1 errored" in lines[-1]
     # Ray snapshots callbacks with the experiment; the restored one keeps the state and the time spent.
     restored = pickle.loads(pickle.dumps(view))
     assert restored.progress.best.objective == pytest.approx(0.42) and restored.progress.prior_s > 0
