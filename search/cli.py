@@ -205,10 +205,8 @@ def tune_cmd(
 
 
 def _print_status(exp: Path) -> None:
-    from rich.table import Table
-
-    from .export import load_experiment, score_trials, trial_states
-    from .objective import HELD_OUT_PATTERNS
+    from .export import load_experiment, pattern_table, score_trials, stored_pattern_metrics, trial_states
+    from .objective import held_out_patterns
     from .report_data import text_missing_note
 
     layout, cfg, df = load_experiment(exp)
@@ -221,20 +219,10 @@ def _print_status(exp: Path) -> None:
                   f"{cfg.search.objective} (valid) {best.objective:.4f}")
     rows = df[(df.trial_id == best.trial_id) & (df.epoch == best.epoch)]
     console.print(text_missing_note(cfg))
-    table = Table(title=f"trial {best.trial_id}, epoch {best.epoch} (* = held out of the objective)")
-    for col in ("pattern", "valid f1_non0", "test f1_non0", "test acc2_non0", "test mae", "test corr"):
-        table.add_column(col, justify="left" if col == "pattern" else "right")
-    valid = rows[rows.split == "valid"].set_index("pattern")
-    test = rows[rows.split == "test"].set_index("pattern")
-    for pattern in cfg.missing.eval_grid:
-        if pattern not in test.index:
-            continue
-        t = test.loc[pattern]
-        v = valid.loc[pattern]["f1_non0"] if pattern in valid.index else float("nan")
-        mark = "*" if pattern in HELD_OUT_PATTERNS or pattern not in cfg.search.objective_patterns else ""
-        table.add_row(pattern + mark, f"{v:.4f}", f"{t['f1_non0']:.4f}", f"{t['acc2_non0']:.4f}",
-                      f"{t['mae']:.4f}", f"{t['corr']:.4f}")
-    console.print(table)
+    results = {split: stored_pattern_metrics(rows[rows.split == split]) for split in ("valid", "test")}
+    console.print(pattern_table(f"trial {best.trial_id}, epoch {best.epoch} (* = held out of the objective)",
+                                results, cfg.missing.eval_grid,
+                                held_out_patterns(cfg.missing.eval_grid, cfg.search.objective_patterns)))
 
 
 @app.command("status")

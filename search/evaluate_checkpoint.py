@@ -20,17 +20,15 @@ from models.registry import get_model
 
 from .config import ExperimentConfig
 from .devices import configure_torch, in_process_device
+from .export import pattern_table
 from .layout import Layout
 from .objective import objective_value
-from .results import EpochResults, ResultsStore, RunInfo
+from .results import EVALUATED_SPLITS, EpochResults, ResultsStore, RunInfo
 from .run import new_run_dir
 from .trainer import evaluate_epoch
 from .weights import fitted_weights, read_checkpoint
 
-EVALUATED_SPLITS = ("valid", "test")
 EPOCH = 0  # an evaluation is one epoch of its own run
-# The table's columns: (split, metric).
-TABLE_COLUMNS = (("valid", "f1_non0"), ("test", "f1_non0"), ("test", "acc2_non0"), ("test", "mae"), ("test", "corr"))
 
 
 @dataclass
@@ -66,14 +64,8 @@ def evaluate_checkpoint(checkpoint: Path, cfg: ExperimentConfig, out: Path,
 
 def results_table(evaluation: Evaluation, cfg: ExperimentConfig) -> Table:
     """Per pattern of the grid: valid F1 and the test metrics, as `msa-search status` shows a trial."""
-    results = evaluation.results
-    valid = results["valid"]
+    valid = evaluation.results["valid"]
     scores = ", ".join(f"{name} {objective_value(valid, name, cfg.search.objective_patterns):.4f}"
                        for name in ("robust_f1", "worst_f1"))
-    table = Table(title=f"{evaluation.trial_id}: valid {scores} (over search.objective_patterns)")
-    table.add_column("pattern")
-    for split, metric in TABLE_COLUMNS:
-        table.add_column(f"{split} {metric}", justify="right")
-    for pattern in cfg.missing.eval_grid:
-        table.add_row(pattern, *(f"{results[split][pattern][metric]:.4f}" for split, metric in TABLE_COLUMNS))
-    return table
+    return pattern_table(f"{evaluation.trial_id}: valid {scores} (over search.objective_patterns)",
+                         evaluation.results, cfg.missing.eval_grid)

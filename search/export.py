@@ -62,6 +62,27 @@ def score_trials(layout: Layout, cfg: ExperimentConfig, df: pd.DataFrame,
     return sorted(scores, key=lambda s: sign * s.objective, reverse=True)
 
 
+# The per-pattern table's columns: (split, metric).
+TABLE_COLUMNS = (("valid", "f1_non0"), ("test", "f1_non0"), ("test", "acc2_non0"), ("test", "mae"), ("test", "corr"))
+
+
+def pattern_table(title: str, results: dict[str, PatternMetrics], grid: list[str], held_out=()):
+    """One trial's results per pattern of `grid` (rows without test results left out): valid
+    F1 and the test metrics; held-out patterns are starred. `status` and `evaluate` print it."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("pattern")
+    for split, metric in TABLE_COLUMNS:
+        table.add_column(f"{split} {metric}", justify="right")
+    for pattern in grid:
+        if pattern not in results.get("test", {}):
+            continue
+        values = (results.get(split, {}).get(pattern, {}).get(metric, float("nan")) for split, metric in TABLE_COLUMNS)
+        table.add_row(pattern + ("*" if pattern in held_out else ""), *(f"{v:.4f}" for v in values))
+    return table
+
+
 def trial_states(layout: Layout, study=None) -> dict[str, int]:
     """Trials by state, as the Optuna study records them (`study`: one loaded already),
     plus failures recorded by the driver."""

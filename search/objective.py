@@ -26,6 +26,12 @@ AGGREGATES = ("robust_f1", "worst_f1")
 PatternMetrics = dict[str, dict[str, float]]
 
 
+def held_out_patterns(grid: Sequence[str], objective_patterns: Sequence[str]) -> list[str]:
+    """Grid patterns the objective never saw: the fixed held-out ones and any left out of
+    search.objective_patterns. Their test numbers show whether the search overfit."""
+    return [p for p in grid if p in HELD_OUT_PATTERNS or p not in objective_patterns]
+
+
 def default_objective_patterns(grid: Sequence[str]) -> list[str]:
     """The evaluation grid minus the held-out patterns (the whole grid if that leaves none)."""
     return [p for p in grid if p not in HELD_OUT_PATTERNS] or list(grid)

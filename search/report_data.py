@@ -22,7 +22,8 @@ from models.space import Dist
 from .config import ExperimentConfig
 from .export import TrialScore, load_experiment, score_trials, stored_pattern_metrics, trial_states
 from .layout import Layout
-from .objective import HELD_OUT_PATTERNS, objective_mode, objective_value, pareto_front
+from .objective import held_out_patterns as objective_held_out
+from .objective import objective_mode, objective_value, pareto_front
 
 if TYPE_CHECKING:
     import optuna
@@ -110,9 +111,8 @@ def text_missing_note(cfg: ExperimentConfig) -> str:
 
 
 def held_out_patterns(cfg: ExperimentConfig) -> list[str]:
-    """Grid patterns the objective never saw: the fixed held-out ones and any left out of
-    search.objective_patterns. Their test numbers show whether the search overfit."""
-    return [p for p in cfg.missing.eval_grid if p in HELD_OUT_PATTERNS or p not in cfg.search.objective_patterns]
+    """The grid patterns the search's objective never saw (search/objective.py)."""
+    return objective_held_out(cfg.missing.eval_grid, cfg.search.objective_patterns)
 
 
 def last_epoch_rows(inputs: ReportInputs, split: str) -> pd.DataFrame:

@@ -27,6 +27,7 @@ from .config import ExperimentConfig, SearchConfig
 from .objective import OBJECTIVE, PatternMetrics, objective_value
 
 KEY_COLUMNS = ("trial_id", "epoch", "split", "pattern")
+EVALUATED_SPLITS = ("valid", "test")  # every epoch is evaluated on these
 
 EpochResults = dict[str, PatternMetrics]  # split -> pattern name -> metric -> value
 

@@ -31,17 +31,13 @@ def check_new_run_dir(out: Path) -> None:
         raise MsaSearchError(f"{out}: run directory exists and is not empty; set output.dir to a new directory")
 
 
-def prepare_run_dir(out: Path) -> None:
-    check_new_run_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 @contextmanager
 def new_run_dir(out: Path) -> Iterator[None]:
     """Make `out` (absent or empty) for a run; if the block fails (bad data, weights that do not
     fit), remove what it wrote, so that the same command can run again once the cause is fixed."""
+    check_new_run_dir(out)
     existed = out.exists()
-    prepare_run_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
     try:
         yield
     except BaseException:
