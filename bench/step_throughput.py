@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipeline.loader import SplitTensors, batch_rows, make_batch  # noqa: E402
 from data_pipeline.missing import default_eval_grid, parse_pattern  # noqa: E402
 from data_pipeline.synth import synthesize  # noqa: E402
-from search.config import ExperimentConfig  # noqa: E402
+from search.config import ExperimentConfig, apply_override  # noqa: E402
 from search.evaluate import predict_patterns  # noqa: E402
 from search.row_parallel import eval_streams, resolve_chunks  # noqa: E402
 from search.trainer import build_state, forward_backward  # noqa: E402
@@ -38,12 +38,16 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=128)
     parser.add_argument("--batch-chunks", type=int, default=0,
                         help="train.batch_chunks: 0 = auto (row chunks / patterns in parallel where exact), 1 = off")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, as the CLI's (e.g. model.lnln.qkv_norms=shared); repeatable")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = ExperimentConfig.model_validate({"model": {"name": args.model},
-                                           "train": {"batch_size": args.batch_size, "epochs": 1,
-                                                     "batch_chunks": args.batch_chunks}})
+    raw = {"model": {"name": args.model},
+           "train": {"batch_size": args.batch_size, "epochs": 1, "batch_chunks": args.batch_chunks}}
+    for assignment in args.set:
+        apply_override(raw, assignment)
+    cfg = ExperimentConfig.model_validate(raw)
     data = synthesize(args.shape, seed=0, scale=0.3)
     train = SplitTensors.from_arrays(data.spec, "train", data.split("train"))
     state = build_state(cfg, train, torch.device("cpu"))

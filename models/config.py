@@ -117,6 +117,14 @@ class LNLNConfig(BaseModel):
     fixed_completeness: float | None = Field(None, ge=0, le=1)
     # Length groups of the embeddings' Transformers (each skips its group's trailing padding).
     length_buckets: int = Field(4, ge=1)
+    # Each attention block's pre-norms: queries, keys and values through three LayerNorms (the
+    # reference's PreNorm_qkv; its trained checkpoints load exactly) or one shared LayerNorm
+    # (one per stream in the fusion's cross-attention; 4d fewer parameters per block).
+    qkv_norms: Literal["separate", "shared"] = "separate"
+    # The embeddings' Transformers attend over the sequences' padding too, as the reference
+    # does (it has no masks); False (default) masks padding, so a row's prediction does not
+    # depend on how far it was padded. True also turns off the length groups.
+    attend_padding: bool = False
 
 
 class ModelConfig(BaseModel):

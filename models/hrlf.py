@@ -29,6 +29,7 @@ from .entry import ModelEntry
 from .layers import (BilinearCritic, Discriminator, TokenEncoder, grad_reverse, grl_coefficient, infonce_loss,
                      jsd_mi_loss, mlp)
 from .space import ADVERSARIAL_SPACE, OPTIMIZER_SPACE, Dist
+from .text_bert import bert_features, check_config, load_bert
 
 Tensor = torch.Tensor
 
@@ -129,17 +130,23 @@ class Fusion(nn.Module):
 
 
 class HRLFNetwork(nn.Module):
-    """One network (teacher or student): encoders -> FRF -> fusion."""
+    """One network (teacher or student): [BERT] -> encoders -> FRF -> fusion."""
 
     def __init__(self, cfg: ModelConfig, spec: DataSpec):
         super().__init__()
         d = cfg.hidden_dim
         block = dict(depth=cfg.depth, heads=cfg.num_heads, dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim,
                      dropout=cfg.dropout)
+        # text_encoder bert: text arrives as token ids and each network fine-tunes its own BERT
+        # (two networks of one architecture), the student's reading [UNK] where tokens dropped.
+        self.bert = load_bert(cfg, spec) if cfg.text_encoder == "bert" else None
+        dims = {m: spec.dim(m) for m in MODALITIES}
+        if self.bert is not None:
+            dims["text"] = self.bert.config.hidden_size
         # 1. Linear(d_m -> d) + temporal Transformer, pooled by one learnable token: TokenEncoder
         # then skips trailing padding per length group and computes only the token's query in
         # the last block, which mean-pooling over all positions could not.
-        self.encoders = nn.ModuleDict({m: TokenEncoder(spec.seq_len(m), d, tokens=1, d_in=spec.dim(m), **block)
+        self.encoders = nn.ModuleDict({m: TokenEncoder(spec.seq_len(m), d, tokens=1, d_in=dims[m], **block)
                                        for m in MODALITIES})
         # The pre-norm stack leaves its output unnormalized; a final LayerNorm (GPT-2's ln_f)
         # gives x_m a fixed scale, the scale FRF's translation errors are measured in.
@@ -158,9 +165,13 @@ class HRLFNetwork(nn.Module):
 
     def forward(self, inputs: dict[str, tuple[Tensor, Tensor]],
                 lengths: dict[str, np.ndarray | None] | None = None) -> Representations:
-        """inputs: modality -> (features (B, T, d_m), valid mask (B, T)); lengths: modality ->
-        host valid lengths (B,), when known (the encoders then never read the device)."""
+        """inputs: modality -> (features (B, T, d_m), valid mask (B, T)), text as (token ids
+        (B, 3, L), attention mask) with a BERT; lengths: modality -> host valid lengths (B,), when
+        known (the encoders then never read the device)."""
         lengths = lengths or {}
+        if self.bert is not None:
+            ids, mask = inputs["text"]
+            inputs = {**inputs, "text": (bert_features(self.bert, ids), mask)}  # (B, L, hidden)
         x = {m: self.norms[m](self.encoders[m](feats, valid, lengths.get(m))[:, 0])
              for m, (feats, valid) in inputs.items()}  # (B, d)
         q, u = self.frf.factorize(x)
@@ -205,7 +216,6 @@ class HRLF(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: DataSpec):
         super().__init__()
-        check_config(cfg)
         h = cfg.hrlf
         self.task_loss, self.adversarial = cfg.task_loss, cfg.adversarial
         self.mi_estimator, self.teacher_pretrain_fraction = h.mi_estimator, h.teacher_pretrain_fraction
@@ -224,13 +234,22 @@ class HRLF(nn.Module):
         """prediction (B,) and the student's Representations; in training mode also the
         teacher's, from complete inputs. Evaluation never runs the teacher."""
         lengths = {m: batch.modality(m).lengths for m in MODALITIES}
-        student = self.student({m: (batch.modality(m).observed, batch.modality(m).valid) for m in MODALITIES},
-                               lengths)
+        student = self.student(self._inputs(batch, complete=False), lengths)
         out = {"prediction": student.prediction, "student": student}
         if self.training:
-            out["teacher"] = self.teacher({m: (batch.modality(m).complete, batch.modality(m).valid)
-                                           for m in MODALITIES}, lengths)
+            out["teacher"] = self.teacher(self._inputs(batch, complete=True), lengths)
         return out
+
+    def _inputs(self, batch: Batch, complete: bool) -> dict[str, tuple[Tensor, Tensor]]:
+        """modality -> (complete or observed features, valid mask). With a BERT, text is its
+        token ids (B, 3, L), dropped ones [UNK] in the observed ids (spec/missing.md), masked by
+        BERT's attention mask (the prefix mask of the text lengths, as `valid`)."""
+        inputs = {m: (batch.modality(m).complete if complete else batch.modality(m).observed,
+                      batch.modality(m).valid) for m in MODALITIES}
+        if self.student.bert is not None:
+            ids = batch.text_bert_complete if complete else batch.text_bert_observed
+            inputs["text"] = (ids, ids[:, 1].bool())
+        return inputs
 
     def losses(self, outputs: dict, batch: Batch, progress: float = 0.0) -> dict[str, Tensor]:
         """The terms of LOSS_TERMS (unweighted scalars; the trainer weights them) plus the
@@ -267,13 +286,6 @@ class HRLF(nn.Module):
         (model.adversarial.disc_steps > 1) update the discriminators alone."""
         student = [h.detach() for h in outputs["student"].scales]
         return hierarchical_adversarial(self.discriminators, student, outputs["teacher"].scales, 1.0)
-
-
-def check_config(cfg: ModelConfig) -> None:
-    """What can be checked before any data is read (the model is built later, inside trials)."""
-    if cfg.text_encoder != "features":
-        raise ValueError("model.text_encoder: HRLF reads precomputed text features only "
-                         f"(got '{cfg.text_encoder}'); use features")
 
 
 ENTRY = ModelEntry(

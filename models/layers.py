@@ -29,11 +29,16 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+QKVNorms = Literal["shared", "separate"]
+
+
 class Attention(nn.Module):
     """Multi-head attention with inner width heads * dim_head (may exceed dim, as in LNLN).
 
     q/k/v projections share one weight so self-attention is a single matmul; cross-attention
     and query-truncated self-attention use row slices of the same weight (views, no copy).
+    `affine`: the q/k/v LayerNorms' gains and shifts, (3, d) each, folded into the
+    projections (the input is then normalised without affine): W (g * n + b) = (W g) n + W b.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
@@ -47,65 +52,99 @@ class Attention(nn.Module):
         self._absorb_below = dim * dim_head // (dim - dim_head) if dim > dim_head else 1 << 30
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, query_len: int | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, query_len: int | None = None,
+                affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, N, d) already normalized; context (B, M, d) or None for self-attention;
         mask broadcastable to (B, heads, N, M), bool; query_len keeps only the first queries."""
         h, dh = self.heads, self.dim_head
-        if context is None and query_len is not None and query_len < self._absorb_below:
-            return self._absorbed(x[:, :query_len], x, mask)
+        weight, bias = self._projection(affine)
+        # With dropout the attention rows no longer sum to one, so a folded value shift would
+        # not pass through the weighting unchanged: take the plain path then.
+        exact_absorb = bias is None or not (self.training and self.dropout > 0)
+        if context is None and query_len is not None and query_len < self._absorb_below and exact_absorb:
+            return self._absorbed(x[:, :query_len], x, mask, weight, bias)
         if context is None and query_len is None:
-            q, k, v = self.to_qkv(x).unflatten(-1, (3, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = F.linear(x, weight, bias).unflatten(-1, (3, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             source = x if context is None else context
             queries = x if query_len is None else x[:, :query_len]
-            w_q, w_kv = self.to_qkv.weight.split([self.inner, 2 * self.inner])
-            q = F.linear(queries, w_q).unflatten(-1, (h, dh)).transpose(1, 2)  # (B, h, N, dh)
-            k, v = F.linear(source, w_kv).unflatten(-1, (2, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
+            w_q, w_kv = weight.split([self.inner, 2 * self.inner])
+            b_q, b_kv = (None, None) if bias is None else bias.split([self.inner, 2 * self.inner])
+            q = F.linear(queries, w_q, b_q).unflatten(-1, (h, dh)).transpose(1, 2)  # (B, h, N, dh)
+            k, v = F.linear(source, w_kv, b_kv).unflatten(-1, (2, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, d)
 
-    def _absorbed(self, queries: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None):
+    def _projection(self, affine):
+        """to_qkv's weight, and a bias, with the q/k/v norms' affine folded in (or none)."""
+        if affine is None:
+            return self.to_qkv.weight, None
+        gain, shift = affine  # (3, d) each: q, k, v
+        w = self.to_qkv.weight.view(3, self.inner, -1)  # (3, inner, d)
+        weight = (w * gain[:, None, :]).flatten(0, 1)
+        bias = torch.einsum("kid,kd->ki", w, shift).flatten()
+        return weight, bias
+
+    def _absorbed(self, queries: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None,
+                  weight: torch.Tensor, bias: torch.Tensor | None):
         """Same attention for a few queries without projecting the N keys and values.
 
         q.k = (W_k^T q).x and the value mix is (attn . x) W_v^T, so folding W_k into the
         queries and applying W_v after the weighting lets every head attend over the
         normalized source itself: one SDPA with heads * T queries of width d. This costs
         about heads * T * N * d instead of N * d * 2 * inner, e.g. 8x less for T = 8.
+        A key shift adds q.b_k to every key of a query (softmax ignores it); a value shift
+        comes through the weighting unchanged (rows sum to one), so it is added after.
         """
         h, dh = self.heads, self.dim_head
         b, t, d = queries.shape
-        w_q, w_k, w_v = self.to_qkv.weight.view(3, h, dh, d).unbind(0)  # (h, dh, d) each
-        q = F.linear(queries, w_q.reshape(h * dh, d)).unflatten(-1, (h, dh))  # (B, T, h, dh)
+        w_q, w_k, w_v = weight.view(3, h, dh, d).unbind(0)  # (h, dh, d) each
+        b_q, b_v = (None, None) if bias is None else (bias[:self.inner], bias[2 * self.inner:])
+        q = F.linear(queries, w_q.reshape(h * dh, d), b_q).unflatten(-1, (h, dh))  # (B, T, h, dh)
         q = torch.einsum("bthe,hed->bhtd", q, w_k).reshape(b, 1, h * t, d)  # (B, 1, h*T, d)
         kv = source.unsqueeze(1)  # (B, 1, N, d)
         out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=dh ** -0.5,
                                              dropout_p=self.dropout if self.training else 0.0)
         out = torch.einsum("bhtd,hed->bthe", out.view(b, h, t, d), w_v).flatten(2)  # (B, T, inner)
-        return self.to_out(out)
+        return self.to_out(out if b_v is None else out + b_v)
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + Attn(LN(x) [, LN(context)]), then x + MLP(LN(x)).
 
-    `cross=True` adds a separate norm for the keys/values source (cross-modal attention).
+    qkv_norms "shared": one norm for the block's input, and with `cross=True` a second for the
+    keys/values source. "separate": queries, keys and values each through their own norm
+    (norm_q, norm_k, norm_v; the reference LNLN's PreNorm_qkv), computed as one affine-free
+    normalisation with the three affines folded into the projections (`Attention`).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0,
-                 cross: bool = False):
+                 cross: bool = False, qkv_norms: QKVNorms = "shared"):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.norm_context = nn.LayerNorm(dim) if cross else None
+        self.cross, self.separate = cross, qkv_norms == "separate"
+        if self.separate:
+            self.norm_q, self.norm_k, self.norm_v = (nn.LayerNorm(dim) for _ in range(3))
+        else:
+            self.norm = nn.LayerNorm(dim)
+            self.norm_context = nn.LayerNorm(dim) if cross else None
         self.attn = Attention(dim, heads, dim_head, dropout)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, mlp_dim, dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, query_len: int | None = None) -> torch.Tensor:
-        if (context is None) != (self.norm_context is None):
+        if (context is None) == self.cross:
             raise ValueError("a cross-attention block needs a context, a self-attention block none")
-        ctx = None if context is None else self.norm_context(context)
-        attended = self.attn(self.norm(x), ctx, mask, query_len)
+        if self.separate:
+            norms = (self.norm_q, self.norm_k, self.norm_v)
+            affine = (torch.stack([n.weight for n in norms]), torch.stack([n.bias for n in norms]))
+            shape, eps = self.norm_q.normalized_shape, self.norm_q.eps
+            ctx = None if context is None else F.layer_norm(context, shape, eps=eps)
+            attended = self.attn(F.layer_norm(x, shape, eps=eps), ctx, mask, query_len, affine)
+        else:
+            ctx = None if context is None else self.norm_context(context)
+            attended = self.attn(self.norm(x), ctx, mask, query_len)
         x = x if query_len is None else x[:, :query_len]
         x = x + attended
         return x + self.mlp(self.norm_mlp(x))
@@ -115,9 +154,9 @@ class Transformer(nn.Module):
     """A stack of pre-norm blocks (self- or cross-attention)."""
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
-                 dropout: float = 0.0, cross: bool = False):
+                 dropout: float = 0.0, cross: bool = False, qkv_norms: QKVNorms = "shared"):
         super().__init__()
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dim_head, mlp_dim, dropout, cross)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dim_head, mlp_dim, dropout, cross, qkv_norms)
                                     for _ in range(depth))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
@@ -152,14 +191,14 @@ class TokenEncoder(nn.Module):
 
     def __init__(self, seq_len: int, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
                  tokens: int = 8, d_in: int | None = None, dropout: float = 0.0,
-                 length_buckets: int = 4):
+                 length_buckets: int = 4, qkv_norms: QKVNorms = "shared"):
         super().__init__()
         self.seq_len, self.num_tokens, self.length_buckets = seq_len, tokens, length_buckets
         self.in_proj = nn.Linear(d_in, dim) if d_in is not None else nn.Identity()
         self.tokens = nn.Parameter(torch.zeros(1, tokens, dim)) if tokens else None
         # N(0, 1) positions as the reference; the zero tokens are told apart by them.
         self.pos_embedding = nn.Parameter(torch.randn(1, seq_len + tokens, dim))
-        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout, qkv_norms=qkv_norms)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, lengths: np.ndarray | None = None,
                 return_hidden: bool = False) -> torch.Tensor | list[torch.Tensor]:
@@ -226,13 +265,14 @@ class CrossTransformer(nn.Module):
     Returns all target outputs (B, 1 + N_t, d)."""
 
     def __init__(self, target_len: int, source_len: int, dim: int, depth: int, heads: int,
-                 dim_head: int, mlp_dim: int, dropout: float = 0.0, shared_token: bool = False):
+                 dim_head: int, mlp_dim: int, dropout: float = 0.0, shared_token: bool = False,
+                 qkv_norms: QKVNorms = "shared"):
         super().__init__()
         self.target_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.source_token = self.target_token if shared_token else nn.Parameter(torch.zeros(1, 1, dim))
         self.target_pos = nn.Parameter(torch.randn(1, target_len + 1, dim))
         self.source_pos = nn.Parameter(torch.randn(1, source_len + 1, dim))
-        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout, cross=True)
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout, cross=True, qkv_norms=qkv_norms)
 
     def forward(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         b = target.shape[0]

@@ -9,7 +9,6 @@ reconstructor (training only).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -23,9 +22,10 @@ from data_pipeline.schema import DataSpec
 
 from .config import ModelConfig
 from .entry import ModelEntry, ReferenceCheckpoints, dataset_family
-from .layers import CrossTransformer, Discriminator, TokenEncoder, grad_reverse, grl_coefficient, mlp
+from .layers import CrossTransformer, Discriminator, QKVNorms, TokenEncoder, grad_reverse, grl_coefficient, mlp
 from .lnln_reference import from_reference, is_reference
 from .space import ADVERSARIAL_SPACE, OPTIMIZER_SPACE, Dist
+from .text_bert import bert_features, check_config, load_bert
 
 
 class CompletenessCheck(nn.Module):
@@ -93,11 +93,12 @@ class Fusion(nn.Module):
     """Cross-modal Transformer, then mean over the non-prepended outputs -> Linear(d -> 1)."""
 
     def __init__(self, tokens: int, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
-                 dropout: float, query: Literal["hyper", "language"], shared_token: bool = True):
+                 dropout: float, query: Literal["hyper", "language"], shared_token: bool = True,
+                 qkv_norms: QKVNorms = "separate"):
         super().__init__()
         self.query = query
         self.transformer = CrossTransformer(tokens, tokens, dim, depth, heads, dim_head, mlp_dim, dropout,
-                                            shared_token=shared_token)
+                                            shared_token=shared_token, qkv_norms=qkv_norms)
         self.head = nn.Linear(dim, 1)
 
     def forward(self, h_hyper: torch.Tensor, h_language: torch.Tensor) -> torch.Tensor:
@@ -125,10 +126,12 @@ class LNLN(nn.Module):
         self.detach_reconstruction_target = opts.detach_reconstruction_target
         self.fixed_completeness = opts.fixed_completeness
         self._encodings: dict | None = None  # open inside reuse_encodings()
-        block = dict(depth=cfg.depth, heads=heads, dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout)
+        self.attend_padding = opts.attend_padding
+        block = dict(depth=cfg.depth, heads=heads, dim_head=cfg.dim_head, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
+                     qkv_norms=opts.qkv_norms)
 
         # 1. Embedding: per modality, Linear + Transformer over [T tokens ; sequence] -> H_m (B, T, d).
-        self.bert = _load_bert(cfg, spec) if cfg.text_encoder == "bert" else None
+        self.bert = load_bert(cfg, spec) if cfg.text_encoder == "bert" else None
         text_dim = self.bert.config.hidden_size if self.bert is not None else spec.text_dim
         dims = {"text": text_dim, "audio": spec.audio_dim, "vision": spec.vision_dim}
         self.embeddings = nn.ModuleDict({
@@ -149,7 +152,7 @@ class LNLN(nn.Module):
         self.hyper_modality = HyperModality(cfg.depth + 1, tokens, d, heads, opts.hyper_dim_head or d // heads,
                                             normalized_base=opts.hyper_update == "normalized", init=opts.hyper_init)
         self.fusion = Fusion(tokens, d, fusion_depth, heads, cfg.dim_head, cfg.mlp_dim, cfg.dropout, opts.fusion_query,
-                             shared_token=opts.fusion_token == "shared")
+                             shared_token=opts.fusion_token == "shared", qkv_norms=opts.qkv_norms)
         # 4. Reconstructor (training only): incomplete H_m -> complete H_m.
         self.reconstructor = nn.ModuleDict({m: TokenEncoder(tokens, d, tokens=0, **block) for m in MODALITIES})
 
@@ -254,7 +257,9 @@ class LNLN(nn.Module):
         """lengths: host valid lengths of the rows (the BERT attention mask is their prefix mask
         too: MMSA text lengths are its sums), so the encoder plans its groups on the host."""
         if m == "text" and self.bert is not None:
-            x = self.bert(input_ids=x[:, 0], attention_mask=x[:, 1], token_type_ids=x[:, 2]).last_hidden_state
+            x = bert_features(self.bert, x)  # (B, 3, L) ids -> (B, L, hidden)
+        if self.attend_padding:  # the reference: every position attended, padding included
+            return self.embeddings[m](x)
         return self.embeddings[m](x, mask, lengths)
 
     def discriminator_parameters(self):
@@ -297,27 +302,6 @@ class LNLN(nn.Module):
         # constant, each row sums to 1, so it could not steer anything.)
         return {"task": task, "completeness": completeness, "adversarial": adversarial,
                 "reconstruction": reconstruction, "sparsity": outputs["hyper_shift"].float()}
-
-
-def _load_bert(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    """A local BERT for text_encoder: bert (weights are never downloaded at run time)."""
-    if not spec.has_text_bert:
-        raise ValueError(f"text_encoder 'bert' needs BERT token ids, which dataset '{spec.name}' lacks; "
-                         "use model.text_encoder: features")
-    check_config(cfg)
-    try:
-        from transformers import BertModel
-    except ImportError:
-        raise ValueError("text_encoder 'bert' needs the 'transformers' package (pip install transformers); "
-                         "or use model.text_encoder: features") from None
-    return BertModel.from_pretrained(cfg.bert_path, local_files_only=True)
-
-
-def check_config(cfg: ModelConfig) -> None:
-    """What can be checked before any data is read (the model is built later, inside trials)."""
-    if cfg.text_encoder == "bert" and not (cfg.bert_path and Path(cfg.bert_path).is_dir()):
-        raise ValueError(f"model.bert_path: text_encoder 'bert' needs a local directory of BERT weights "
-                         f"(got '{cfg.bert_path}'); weights are never downloaded at run time")
 
 
 ENTRY = ModelEntry(

@@ -26,7 +26,7 @@ A reference `Transformer` (pos_embedding, extra_token, encoder.layers.i) is our 
 
 | reference (under encoder.layers.i)    | ours (under transformer.blocks.i) | transform                      |
 |---------------------------------------|-----------------------------------|--------------------------------|
-| 0.norm_q, 0.norm_k, 0.norm_v          | norm                              | tie: the three must be equal   |
+| 0.norm_q, 0.norm_k, 0.norm_v          | norm_q, norm_k, norm_v            | same                           |
 | 0.fn.to_q, 0.fn.to_k, 0.fn.to_v       | attn.to_qkv                       | concatenate rows: [q; k; v]    |
 | 0.fn.to_out.0                         | attn.to_out                       | same                           |
 | 1.norm, 1.fn.net.0, 1.fn.net.3        | norm_mlp, mlp.net.0, mlp.net.3    | same                           |
@@ -34,16 +34,15 @@ A reference `Transformer` (pos_embedding, extra_token, encoder.layers.i) is our 
 The fusion (dmml.2 -> fusion.transformer): pos_embedding_t / pos_embedding_s -> target_pos /
 source_pos (target = the language stream, which the queries come from); extra_token ->
 target_token and source_token (tie: one token for both streams, model.lnln.fusion_token:
-shared); its blocks (CrossTransformerEncoder.layers.i) as above except 0.norm_q -> norm (the
-queries') and 0.norm_k, 0.norm_v -> norm_context (tie). A hyper-modality layer: 0.norm1..4 ->
-norm_d, norm_a, norm_v, norm_hyper; 0.fn.to_q -> to_q; [0.fn.to_k_ta; 0.fn.to_v_ta] -> to_kv_a
-and [0.fn.to_k_tv; 0.fn.to_v_tv] -> to_kv_v (concatenate rows); 0.fn.to_out.0 -> to_out.
+shared); its blocks (CrossTransformerEncoder.layers.i) as above. A hyper-modality layer:
+0.norm1..4 -> norm_d, norm_a, norm_v, norm_hyper; 0.fn.to_q -> to_q; [0.fn.to_k_ta;
+0.fn.to_v_ta] -> to_kv_a and [0.fn.to_k_tv; 0.fn.to_v_tv] -> to_kv_v (concatenate rows);
+0.fn.to_out.0 -> to_out.
 
-An architecture difference, not papered over: the reference's attention blocks normalise
-queries, keys and values with three LayerNorms (basic_layers.PreNorm_qkv); ours normalise the
-block's input once (self-attention) or once per stream (cross-attention). The "tie" rows load
-only where the reference's norms are equal (an untrained checkpoint); a trained checkpoint's
-differ, and loading it raises ValueError naming them.
+With model.lnln.qkv_norms: shared, a block has one norm (self-attention: norm <- the three,
+tied; cross-attention: norm <- 0.norm_q, norm_context <- 0.norm_k and 0.norm_v, tied). Tied
+rows load only where the reference's norms are equal (an untrained checkpoint); a trained
+checkpoint's differ, and loading it raises ValueError naming them and the option.
 """
 from __future__ import annotations
 
@@ -113,7 +112,11 @@ BERT = ("bertmodel.model.", "bert.")
 CONSTANT_BUFFERS = ("embeddings.position_ids",)
 
 # Inside a block: (kind, our module, reference modules); weight and bias where ours has them.
+# Both forms of the pre-norms are listed; a model's keys hold one (model.lnln.qkv_norms).
+SEPARATE_NORMS: tuple[tuple[Kind, str, tuple[str, ...]], ...] = tuple(
+    ("same", f"norm_{x}", (f"0.norm_{x}",)) for x in "qkv")
 SELF_BLOCK: tuple[tuple[Kind, str, tuple[str, ...]], ...] = (
+    *SEPARATE_NORMS,
     ("tie", "norm", ("0.norm_q", "0.norm_k", "0.norm_v")),
     ("concat", "attn.to_qkv", ("0.fn.to_q", "0.fn.to_k", "0.fn.to_v")),
     ("same", "attn.to_out", ("0.fn.to_out.0",)),
@@ -121,7 +124,8 @@ SELF_BLOCK: tuple[tuple[Kind, str, tuple[str, ...]], ...] = (
     ("same", "mlp.net.0", ("1.fn.net.0",)),
     ("same", "mlp.net.3", ("1.fn.net.3",)),
 )
-CROSS_BLOCK = (("same", "norm", ("0.norm_q",)), ("tie", "norm_context", ("0.norm_k", "0.norm_v")), *SELF_BLOCK[1:])
+CROSS_BLOCK = (*SEPARATE_NORMS, ("same", "norm", ("0.norm_q",)), ("tie", "norm_context", ("0.norm_k", "0.norm_v")),
+               *SELF_BLOCK[4:])
 HYPER_LAYER: tuple[tuple[Kind, str, tuple[str, ...]], ...] = (
     ("same", "norm_d", ("0.norm1",)),
     ("same", "norm_a", ("0.norm2",)),
@@ -139,9 +143,9 @@ HINTS = {
     "CrossTransformerEncoder": "model.lnln.fusion_depth sets the fusion's blocks",
     "encoder": "model.depth sets each Transformer's blocks",
 }
-NORM_NOTE = ("our attention blocks have one LayerNorm where the reference normalises queries, keys and values "
-             "separately (basic_layers.PreNorm_qkv): an architecture difference, so a trained reference "
-             "checkpoint cannot load exactly (models/lnln_reference.py)")
+NORM_NOTE = ("this LNLN's attention blocks have one LayerNorm (model.lnln.qkv_norms: shared) where the reference "
+             "normalises queries, keys and values separately (basic_layers.PreNorm_qkv); a trained reference "
+             "checkpoint loads with model.lnln.qkv_norms: separate (the default)")
 REFERENCE_MARKERS = ("h_hyper", "dmml.", "proj_l.", "proxy_dominate_modality_generator.")
 
 

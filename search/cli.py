@@ -36,6 +36,12 @@ class DataFormat(str, Enum):
     mmsa_pkl = "mmsa-pkl"
 
 
+class Protocol(str, Enum):
+    search = "search"
+    paper = "paper"
+    reference_lnln = "reference-lnln"
+
+
 class Preset(str, Enum):
     mosi = "mosi"
     mosi_aligned = "mosi-aligned"
@@ -151,29 +157,52 @@ def train(
     init_from: Path = typer.Option(None, "--init-from",
                                    help="Start from these weights: a checkpoint of ours (checkpoints/last.pt or a "
                                         "state dict) or of the reference LNLN code (.pth); a new run only."),
+    seeds: str = typer.Option(None, "--seeds",
+                              help="Train one run per seed, e.g. 1111,1112,1113 (sets train.seeds): output.dir "
+                                   "becomes a seed group with one run directory per seed (seed-1111/, ...)."),
 ) -> None:
     """Run one training run: per-epoch metrics on valid and test over the missing-pattern grid.
 
     train.workers = 0 trains in-process; >= 1 runs Ray Train workers with train.engine
-    (deepspeed or ddp)."""
-    from .config import load_config
+    (deepspeed or ddp). With --seeds (or train.seeds) one run per seed, one after the
+    other; `msa-search report DIR --protocol paper` then averages them."""
+    from .config import ConfigError, load_config
+    from .seed_group import parse_seeds, read_group, train_group
 
     if resume is not None and init_from is not None:
         raise MsaSearchError("--init-from starts a new run; --resume continues one from its own checkpoint")
-    cfg = None if resume is not None else load_config(config, set_)
+    if resume is not None:
+        if seeds is not None:
+            raise ConfigError("--seeds starts a new seed group; --resume continues one run (DIR/seed-<seed>)")
+        group = read_group(resume)
+        if group is not None:
+            raise ConfigError(f"--resume {resume}: a seed group; resume one of its runs, e.g. "
+                              f"--resume {group.runs()[0][1]}")
+    overrides = [*set_, f"train.seeds=[{', '.join(map(str, parse_seeds(seeds)))}]"] if seeds is not None else set_
+    cfg = None if resume is not None else load_config(config, overrides)
+    if cfg is not None and cfg.train.seeds:
+        group = train_group(cfg, lambda seed_cfg: _train_one(seed_cfg, None, address, init_from),
+                            say=err_console.print, keep_going=not _state["debug"])
+        console.print(f"done: seed group {group.root} (seeds {', '.join(map(str, group.seeds))}); next: "
+                      f"msa-search report {group.root} --protocol paper", soft_wrap=True)
+        return
+    console.print(_train_one(cfg, resume, address, init_from), soft_wrap=True)
+
+
+def _train_one(cfg, resume: Path | None, address: str | None, init_from: Path | None) -> str:
+    """One run (in-process or on Ray Train workers); returns its result line."""
     if resume is not None or cfg.train.workers >= 1:
         from .distributed import train_distributed
 
         out, metrics = train_distributed(cfg, resume_dir=resume, console=err_console, ray_address=address,
                                          init_from=init_from)
-        console.print(f"done: {out} (config.yaml, results/, checkpoints/); "
-                      f"last epoch valid robust_f1 {metrics.get('robust_f1', float('nan')):.4f}")
-        return
+        return (f"done: {out} (config.yaml, results/, checkpoints/); "
+                f"last epoch valid robust_f1 {metrics.get('robust_f1', float('nan')):.4f}")
     from .run import train_in_process
 
     state, out = train_in_process(cfg, console=err_console, init_from=init_from)
-    console.print(f"done: {out} (config.yaml, results/, checkpoints/); "
-                  f"last epoch valid {cfg.search.objective} {state.history[-1].objective:.4f}")
+    return (f"done: {out} (config.yaml, results/, checkpoints/); "
+            f"last epoch valid {cfg.search.objective} {state.history[-1].objective:.4f}")
 
 
 @app.command("tune")
@@ -272,20 +301,58 @@ def evaluate_cmd(
 
 @app.command("report")
 def report_cmd(
-    exp: Path = typer.Argument(..., help="Experiment directory (msa-search tune) or run directory (msa-search train)."),
-    out: Path = typer.Option(None, "--out", help="Output HTML file (default: EXP/report.html)."),
-    metric: str = typer.Option("f1_non0", "--metric",
-                               help="Metric of the robustness curves, pattern heat map and per-pattern importance."),
-    watch: bool = typer.Option(False, "--watch", help="Re-render every --interval seconds until Ctrl-C."),
+    exp: Path = typer.Argument(..., help="Experiment directory (msa-search tune), run directory (msa-search train) "
+                                         "or, with --protocol paper|reference-lnln, a seed group (train --seeds)."),
+    out: Path = typer.Option(None, "--out",
+                             help="Output file. search: HTML (default EXP/report.html); paper, reference-lnln: "
+                                  ".md, .csv or .html by its extension (default EXP/table-<protocol>.md)."),
+    protocol: Protocol = typer.Option(Protocol.search, "--protocol",
+                                      help="search: the HTML report of a search or run. paper: the papers' table "
+                                           "(test metrics averaged over intra rates 0.0-0.9, mean ± std over "
+                                           "seeds, epoch chosen on valid). reference-lnln: the same with the "
+                                           "reference code's choice on the TEST split at r=0.5, labelled so."),
+    top: int = typer.Option(None, "--top", min=1,
+                            help="paper, reference-lnln on an experiment: one row for each of the trials "
+                                 "`export --top K` writes (default 1; multi-objective: the Pareto front)."),
+    metric: str = typer.Option(None, "--metric",
+                               help="search: metric of the robustness curves, pattern heat map and per-pattern "
+                                    "importance (default f1_non0)."),
+    watch: bool = typer.Option(False, "--watch", help="search: re-render every --interval seconds until Ctrl-C."),
     interval: float = typer.Option(10.0, "--interval", min=0.1, help="Seconds between renders with --watch."),
 ) -> None:
-    """Write one self-contained HTML report (plotly, nothing loaded from the network).
+    """Write one self-contained HTML report (plotly, nothing loaded from the network), or the papers' table.
 
-    Robustness curves, trial x pattern heat map, best objective over time, parallel
-    coordinates of the hyperparameters, hyperparameter importance, Pareto front
-    (multi-objective searches) and importance per missing pattern."""
+    search (default): robustness curves, trial x pattern heat map, best objective over time,
+    parallel coordinates of the hyperparameters, hyperparameter importance, Pareto front
+    (multi-objective searches) and importance per missing pattern.
+
+    paper / reference-lnln: one row per seed group, run, or exported trial of an experiment,
+    printed and written to --out."""
+    from .config import ConfigError
+
+    if protocol is not Protocol.search:
+        for given, name in ((metric is not None, "--metric"), (watch, "--watch")):
+            if given:
+                raise ConfigError(f"{name} is an option of --protocol search, not of --protocol {protocol.value}")
+        from .layout import Layout
+        from .protocol import build_table
+        from .protocol_render import console_view, write_table
+
+        table = build_table(exp, protocol.value, top=top)
+        path = write_table(table, out or Layout(exp).protocol_table(protocol.value))
+        console.print(console_view(table))
+        console.print(f"wrote {path}", soft_wrap=True)
+        return
     from .report import watch_report, write_report
+    from .seed_group import read_group
 
+    if top is not None:
+        raise ConfigError("--top is an option of --protocol paper|reference-lnln on an experiment")
+    group = read_group(exp)
+    if group is not None:
+        raise ConfigError(f"{exp}: a seed group; --protocol paper averages its seeds, and the search report draws "
+                          f"one run: msa-search report {group.runs()[0][1]}")
+    metric = metric or "f1_non0"
     if not watch:
         console.print(f"wrote {write_report(exp, out, metric)}", soft_wrap=True)
         return

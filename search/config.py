@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from data_pipeline.config import DataConfig, MissingConfig
 from data_pipeline.errors import MsaSearchError
@@ -25,6 +26,9 @@ from .objective import check_objective, default_objective_patterns, objective_mo
 # Validation context of a config the driver checked already (a trial's, a worker's): its
 # search space is not resolved again.
 TRIAL_CONTEXT = {"trial": True}
+# A config read back to look at its results (status, export, report) on a machine that may
+# not train it: the model's environment checks (e.g. a local BERT directory) are skipped.
+STORED_CONTEXT = {"stored": True}
 
 
 class ConfigError(MsaSearchError):
@@ -54,6 +58,10 @@ class TrainConfig(BaseModel):
     # scaling), GPU and train.workers >= 1 only.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1111
+    # `msa-search train`: one run per seed (train.seed set to each) in output.dir as a seed
+    # group (search/seed_group.py), as the papers train seeds 1111-1113. Empty: one run with
+    # train.seed. A search trains each trial with train.seed only.
+    seeds: list[StrictInt] = Field(default_factory=list)
     checkpoint_every: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=0)  # worker failures Ray Train recovers from (from the last checkpoint)
     # auto: GPUs where the cluster (or, without Ray, this process) has them. The driver decides
@@ -73,6 +81,17 @@ class TrainConfig(BaseModel):
     batch_chunks: int = Field(0, ge=0)
     # Test hook: make the loss NaN at the first step (the run must end with a clear reason).
     inject_nan: bool = False
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        negative = [s for s in seeds if s < 0]
+        if negative:
+            raise ValueError(f"seeds are non-negative integers; {negative[0]} is not")
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seeds must be distinct; {', '.join(map(str, repeated))} given more than once")
+        return seeds
 
     def eval_rows(self, device: "torch.device | str") -> int:
         """Rows per evaluation forward pass on `device` (see eval_batch_size)."""
@@ -168,7 +187,7 @@ class ExperimentConfig(BaseModel):
                              f"its terms are {', '.join(entry.loss_terms)}")
         if self.missing.train_mode is None:
             self.missing.train_mode = entry.train_missing
-        if entry.check_config is not None:
+        if entry.check_config is not None and not (info.context or {}).get("stored"):
             try:
                 entry.check_config(self.model)
             except ValueError as exc:  # "model.<key>: <problem>"
@@ -176,7 +195,7 @@ class ExperimentConfig(BaseModel):
                 raise ValueError(f"config key '{key}': {problem}") from None
         self._check_objectives()
         self._check_distributed()
-        if not (info.context or {}).get("trial"):
+        if not {"trial", "stored"} & set(info.context or {}):  # both were checked when they started
             space = self.search_space()
             if self.search.scheduler == "pbt" and not any(k.startswith("model.loss_weights.")
                                                           or k == "model.adversarial.lambda_max" for k in space):
@@ -256,12 +275,13 @@ class ExperimentConfig(BaseModel):
                                      f"value ({str(exc).removeprefix('trial config: ')})") from None
         return space
 
-    def with_params(self, params: Mapping[str, Any]) -> "ExperimentConfig":
-        """This config with each dotted key of `params` set: a trial's config."""
+    def with_params(self, params: Mapping[str, Any], stored: bool = False) -> "ExperimentConfig":
+        """This config with each dotted key of `params` set: a trial's config (`stored`: one that
+        ran, read back to look at its results; see STORED_CONTEXT)."""
         raw = self.model_dump(mode="json")
         for key, value in params.items():
             set_dotted(raw, key, value)
-        return validate_config(raw, "trial config", context=TRIAL_CONTEXT)
+        return validate_config(raw, "trial config", context={**TRIAL_CONTEXT, **(STORED_CONTEXT if stored else {})})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -330,8 +350,10 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set '{assignment}': {exc}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML config (or the defaults), apply overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                stored: bool = False) -> ExperimentConfig:
+    """Read a YAML config (or the defaults), apply overrides, validate. `stored`: a config an
+    earlier run wrote, read to look at its results (STORED_CONTEXT)."""
     raw: dict = {}
     source = "defaults"
     if path is not None:
@@ -348,4 +370,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raw = loaded or {}
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate_config(raw, source)
+    return validate_config(raw, source, context=STORED_CONTEXT if stored else None)

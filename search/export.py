@@ -31,8 +31,12 @@ class TrialScore:
 def load_experiment(exp_dir: str | Path) -> tuple[Layout, ExperimentConfig, pd.DataFrame]:
     layout = Layout(Path(exp_dir))
     if not layout.config.is_file():
+        if layout.seed_group.is_file():  # a group holds runs, one per seed, and no config of its own
+            runs = sorted(p.name for p in layout.root.glob("seed-*") if p.is_dir())
+            raise MsaSearchError(f"{layout.root}: a seed group, not one run; name one of its runs "
+                                 f"({', '.join(runs) or 'none yet'}), or use report --protocol paper on the group")
         raise MsaSearchError(f"{layout.root}: not an experiment directory (no {layout.config.name})")
-    return layout, load_config(layout.config), ResultsStore(layout.results).read()
+    return layout, load_config(layout.config, stored=True), ResultsStore(layout.results).read()
 
 
 def stored_pattern_metrics(rows: pd.DataFrame) -> PatternMetrics:
@@ -57,7 +61,7 @@ def score_trials(layout: Layout, cfg: ExperimentConfig, df: pd.DataFrame,
         params = json.loads(params_file.read_text()) if params_file.is_file() else {}
         scores.append(TrialScore(str(trial_id), last, valid,
                                  objective_value(valid, name, cfg.search.objective_patterns),
-                                 last + 1 >= cfg.train.epochs, cfg.with_params(params)))
+                                 last + 1 >= cfg.train.epochs, cfg.with_params(params, stored=True)))
     sign = 1.0 if objective_mode(name) == "max" else -1.0
     return sorted(scores, key=lambda s: sign * s.objective, reverse=True)
 
@@ -99,12 +103,10 @@ def trial_states(layout: Layout, study=None) -> dict[str, int]:
     return counts
 
 
-def export_best(exp_dir: str | Path, out: str | Path, top: int | None = None,
-                objective: str | None = None) -> list[Path]:
-    """Write the best finished trials as complete ExperimentConfig YAML files, each headed by
-    the metrics it reached (comments, so the file stays a valid config). One trial by
-    default; for a multi-objective search (and no `objective`), its whole Pareto front."""
-    layout, cfg, df = load_experiment(exp_dir)
+def exported_trials(layout: Layout, cfg: ExperimentConfig, df: pd.DataFrame, top: int | None = None,
+                    objective: str | None = None) -> list[TrialScore]:
+    """The trials `export` writes, best first: the `top` best finished ones (default 1); for a
+    multi-objective search (and no `objective`), its Pareto front (default: all of it)."""
     if df.empty:
         raise MsaSearchError(f"{layout.root}: no results yet")
     finished = [s for s in score_trials(layout, cfg, df, objective) if s.finished]
@@ -117,10 +119,18 @@ def export_best(exp_dir: str | Path, out: str | Path, top: int | None = None,
         front = set(pareto_front(vectors, [objective_mode(n) for n in cfg.search.objectives]))
         finished = [s for s in finished if s.trial_id in front]
         top = top or len(finished)
-    top = top or 1
+    return finished[:top or 1]
+
+
+def export_best(exp_dir: str | Path, out: str | Path, top: int | None = None,
+                objective: str | None = None) -> list[Path]:
+    """Write the best finished trials as complete ExperimentConfig YAML files, each headed by
+    the metrics it reached (comments, so the file stays a valid config). One trial by
+    default; for a multi-objective search (and no `objective`), its whole Pareto front."""
+    layout, cfg, df = load_experiment(exp_dir)
     out = Path(out)
     written = []
-    for rank, score in enumerate(finished[:top], start=1):
+    for rank, score in enumerate(exported_trials(layout, cfg, df, top, objective), start=1):
         path = out if rank == 1 else out.with_name(f"{out.stem}-{rank}{out.suffix}")
         final = df[(df.trial_id == score.trial_id) & (df.epoch == score.epoch)]
         header = [f"# exported from {layout.root} trial {score.trial_id} (rank {rank}), epoch {score.epoch}",
@@ -136,6 +146,6 @@ def export_best(exp_dir: str | Path, out: str | Path, top: int | None = None,
         })
         with atomic_file(path, force=True) as tmp:
             tmp.write_text("\n".join(header) + "\n" + exported.to_yaml())
-        load_config(path)  # what we wrote must load back as a valid config
+        load_config(path, stored=True)  # what we wrote must load back as a valid config
         written.append(path)
     return written

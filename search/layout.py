@@ -11,7 +11,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Layout:
-    """Paths inside one run (`msa-search train`) or experiment (`msa-search tune`) directory."""
+    """Paths inside one run (`msa-search train`), seed group (`train --seeds`) or experiment
+    (`msa-search tune`) directory."""
 
     root: Path
 
@@ -82,6 +83,9 @@ class Layout:
     def report(self) -> Path:  # the self-contained HTML report (`msa-search report`)
         return self.root / "report.html"
 
+    def protocol_table(self, protocol: str) -> Path:  # `msa-search report --protocol paper|reference-lnln`
+        return self.root / f"table-{protocol}.md"
+
     @property
     def logs(self) -> Path:  # Ray's and Optuna's own output while the console shows the live view
         return self.root / "logs"
@@ -97,3 +101,11 @@ class Layout:
     @property
     def trial_starts(self) -> Path:  # the order in which trials started (search.nan_trial)
         return self.root / ".trial-starts"
+
+    # --- seed groups (`msa-search train --seeds`): one ordinary run directory per seed ---
+    @property
+    def seed_group(self) -> Path:  # marks a group and names its seeds
+        return self.root / "seed_group.json"
+
+    def seed_run(self, seed: int) -> Path:
+        return self.root / f"seed-{seed}"

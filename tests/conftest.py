@@ -1,6 +1,8 @@
 """Shared fixtures: tiny synthetic datasets written to real files in a tmp dir."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from data_pipeline.mmsa import write_mmsa
@@ -22,3 +24,20 @@ def tiny_store(tmp_path_factory, tiny_mosi):
 @pytest.fixture(scope="session")
 def tiny_pickle(tmp_path_factory, tiny_mosi):
     return write_mmsa(tiny_mosi, tmp_path_factory.mktemp("pkl") / "unaligned_50.pkl")
+
+
+@pytest.fixture
+def msa_cli(monkeypatch, capsys):
+    """`msa-search ARGS` in this process, through the same main() as the installed script:
+    returns (exit code, stdout, stderr)."""
+    from search import cli
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["msa-search", *args])
+        monkeypatch.setenv("COLUMNS", "250")
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        captured = capsys.readouterr()
+        return exit_info.value.code, captured.out, captured.err
+
+    return run

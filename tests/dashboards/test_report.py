@@ -19,7 +19,7 @@ from data_pipeline.errors import MsaSearchError
 from data_pipeline.missing import parse_pattern
 from models.metrics import metric_names
 from models.space import Dist
-from search import cli, report, report_data
+from search import report, report_data
 from search.config import load_config
 from search.layout import Layout
 from search.objective import objective_value
@@ -142,16 +142,6 @@ def train_run(tmp_path_factory):
     return root
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`msa-search ARGS` in this process, through the same main() as the installed script."""
-    monkeypatch.setattr(sys, "argv", ["msa-search", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
 def sections(page: str) -> dict[str, str]:
     """section id -> its HTML."""
     return dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', page, re.S))
@@ -268,20 +258,20 @@ def test_watch_rerenders_and_waits_for_the_first_results(tmp_path):
 
 # --- the command line ---
 
-def test_cli_writes_the_default_path(train_run, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "report", str(train_run))
+def test_cli_writes_the_default_path(train_run, msa_cli):
+    code, out, err = msa_cli("report", str(train_run))
     assert code == 0 and out.strip() == f"wrote {Layout(train_run).report}", err
     assert Layout(train_run).report.read_text().count(PLOTLY_BANNER) == 1
 
 
-def test_cli_refuses_what_it_cannot_report_in_one_line(train_run, tmp_path, monkeypatch, capsys):
+def test_cli_refuses_what_it_cannot_report_in_one_line(train_run, tmp_path, msa_cli):
     empty = tmp_path / "empty"  # an experiment that has not reported an epoch yet
     empty.mkdir()
     Layout(empty).config.write_text(Layout(train_run).config.read_text())
     for args, message in (([str(tmp_path / "nowhere")], "nowhere: not an experiment directory (no config.yaml)"),
                           ([str(empty)], "no results yet"),
                           ([str(train_run), "--metric", "acc9"], "--metric acc9: not in the results")):
-        code, out, err = run_cli(monkeypatch, capsys, "report", *args)
+        code, out, err = msa_cli("report", *args)
         assert code == 1 and err.startswith("error: ") and message in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 

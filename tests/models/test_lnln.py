@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import models.lnln as lnln_module
 from data_pipeline.loader import Batch, SplitTensors, make_batch
@@ -13,7 +14,7 @@ from data_pipeline.missing import TrainingMissing
 from data_pipeline.schema import DataSpec
 from data_pipeline.synth import synthesize
 from models.config import AdversarialConfig, LNLNConfig, ModelConfig
-from models.layers import Attention, TokenEncoder, grad_reverse, grl_coefficient
+from models.layers import Attention, TokenEncoder, TransformerBlock, grad_reverse, grl_coefficient
 from models.lnln import LNLN
 from random_batches import random_batch
 
@@ -252,6 +253,55 @@ def test_absorbed_few_query_attention_matches_full_attention():
     assert torch.allclose(attn(x, mask=mask, query_len=2), full, atol=1e-12)
 
 
+@pytest.mark.parametrize("cross", [False, True])
+def test_separate_qkv_norms_equal_three_layer_norms_on_every_attention_path(cross):
+    """The folded affines (one affine-free norm, gains and shifts in the projection) compute
+    LN_q(x), LN_k(x or context), LN_v(x or context) -> attention, on the fused, split and
+    absorbed (few-query) paths, and the gradients reach the three norms."""
+    torch.manual_seed(0)
+    block = TransformerBlock(32, heads=4, dim_head=8, mlp_dim=16, cross=cross, qkv_norms="separate").double()
+    for norm in (block.norm_q, block.norm_k, block.norm_v):
+        torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+        torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+    x = torch.randn(3, 15, 32, dtype=torch.float64)
+    context = torch.randn(3, 11, 32, dtype=torch.float64) if cross else None
+    source = x if context is None else context
+    mask = torch.rand(3, source.shape[1]) > 0.3
+    mask[:, :2] = True
+    mask = mask[:, None, None, :]
+
+    def by_hand(query_len=None):
+        attn, (h, dh) = block.attn, (block.attn.heads, block.attn.dim_head)
+        w_q, w_k, w_v = attn.to_qkv.weight.split(attn.inner)
+        queries = x if query_len is None else x[:, :query_len]
+        q, k, v = (F.linear(norm(t), w).unflatten(-1, (h, dh)).transpose(1, 2)
+                   for norm, t, w in ((block.norm_q, queries, w_q), (block.norm_k, source, w_k),
+                                      (block.norm_v, source, w_v)))
+        out = attn.to_out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2))
+        y = queries + out
+        return y + block.mlp(block.norm_mlp(y))
+
+    assert torch.allclose(block(x, context, mask), by_hand(), atol=1e-10)
+    if not cross:  # the absorbed path: a few queries of self-attention
+        assert 2 < block.attn._absorb_below
+        assert torch.allclose(block(x, None, mask, query_len=2), by_hand(2), atol=1e-10)
+    block(x, context, mask).sum().backward()
+    assert all(n.weight.grad.abs().sum() > 0 and n.bias.grad.abs().sum() > 0
+               for n in (block.norm_q, block.norm_k, block.norm_v))
+
+
+def test_attend_padding_attends_over_padded_positions():
+    torch.manual_seed(0)
+    model = LNLN(tiny_config(attend_padding=True), SPEC).eval()
+    batch = tiny_batch()
+    padded = batch.audio.valid.logical_not()
+    assert padded.any(), "the test needs padded audio"
+    with torch.no_grad():
+        before = model(batch)["prediction"]
+        batch.audio.observed[padded] = 3.0
+        assert not torch.allclose(model(batch)["prediction"], before)
+
+
 # --- construction -------------------------------------------------------------------------------
 
 def test_parameter_count_at_mosi_shapes_is_about_6_4m():
@@ -280,7 +330,7 @@ def test_every_lnln_option_is_reachable_from_the_config():
     model = LNLN(tiny_config(fusion_depth=3, hyper_dim_head=4, grl_placement="adversarial", fusion_query="hyper",
                              fusion_token="separate", hyper_update="raw", hyper_init="normal",
                              proxy_input_tokens=False, detach_reconstruction_target=True, fixed_completeness=0.5,
-                             length_buckets=2), SPEC)
+                             length_buckets=2, qkv_norms="shared", attend_padding=True), SPEC)
     assert len(model.fusion.transformer.transformer.blocks) == 3 and model.fusion.query == "hyper"
     assert model.fusion.transformer.source_token is not model.fusion.transformer.target_token
     assert model.hyper_modality.layers[0].dim_head == 4
@@ -289,7 +339,9 @@ def test_every_lnln_option_is_reachable_from_the_config():
     assert model.proxy_input is None and model.proxy_generator.seq_len == 2 * 4
     assert model.grl_placement == "adversarial" and model.detach_reconstruction_target
     assert model.fixed_completeness == 0.5 and model.embeddings["text"].length_buckets == 2
-    assert model.embeddings["text"].num_tokens == 4
+    assert model.embeddings["text"].num_tokens == 4 and model.attend_padding
+    blocks = [*model.embeddings["audio"].transformer.blocks, *model.fusion.transformer.transformer.blocks]
+    assert all(not b.separate and not hasattr(b, "norm_q") for b in blocks)
 
 
 def test_defaults_are_the_reference_forward_pass():
@@ -302,6 +354,9 @@ def test_defaults_are_the_reference_forward_pass():
     assert model.proxy_generator.seq_len == 3 * 4 and model.proxy_generator.pos_embedding.shape[1] == 4 * 4
     assert all(isinstance(layer.norm_hyper, torch.nn.LayerNorm) for layer in model.hyper_modality.layers)
     assert model.hyper_modality.layers[0].dim_head == 32 // 4  # d / heads
+    assert not model.attend_padding
+    blocks = [*model.proxy_generator.transformer.blocks, *model.fusion.transformer.transformer.blocks]
+    assert all(b.separate and not hasattr(b, "norm") for b in blocks), "three pre-norms per attention block"
 
 
 def test_each_hyper_modality_layer_updates_the_normalised_hyper_tokens():

@@ -73,21 +73,20 @@ def reference_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-TIED = tuple(f"norm_{x}.{p}" for x in "kv" for p in ("weight", "bias"))  # equal to their norm_q
-
-
-def reference_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random values (all distinct), the q/k/v norms of each block equal (an untrained reference's are)."""
+def reference_state_dict(seed: int = 0, tied_norms: bool = False) -> dict[str, torch.Tensor]:
+    """Random values, all distinct (a trained reference's); with `tied_norms` the q/k/v norms
+    of each block equal (an untrained reference's are)."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in sorted(reference_shapes().items()):
         value = torch.randn(shape, generator=g) * 0.1
         layer_norm_scale = name.split(".")[-2:] in ([f"norm{n}", "weight"] for n in ("", 1, 2, 3, 4, "_q", "_k", "_v"))
         state[name] = value + 1.0 if layer_norm_scale else value
-    for name in state:
-        for x in ("norm_k", "norm_v"):
-            if f".{x}." in name:
-                state[name] = state[name.replace(x, "norm_q")].clone()
+    if tied_norms:
+        for name in state:
+            for x in ("norm_k", "norm_v"):
+                if f".{x}." in name:
+                    state[name] = state[name.replace(x, "norm_q")].clone()
     return state
 
 
@@ -106,6 +105,10 @@ def test_reference_shapes_add_up_to_the_reference_model():
     # Counted by building the authors' LNLN at configs/train_mosi.yaml (BERT left out).
     assert len(shapes) == 420
     assert sum(torch.Size(s).numel() for s in shapes.values()) == 6_483_012
+
+
+def test_our_lnln_has_the_reference_parameter_count(model):
+    assert sum(p.numel() for p in model.parameters()) == 6_483_012  # the shared fusion token counted once
 
 
 def test_every_reference_tensor_is_used_exactly_once_and_every_one_of_ours_is_filled(model):
@@ -130,7 +133,9 @@ def test_reference_checkpoint_loads_with_the_documented_transforms(model):
         "embeddings.text.pos_embedding": ref["proj_l.1.pos_embedding"],
         "embeddings.text.transformer.blocks.1.attn.to_qkv.weight": cat(
             [ref[f"proj_l.1.encoder.layers.1.0.fn.to_{x}.weight"] for x in "qkv"]),
-        "embeddings.text.transformer.blocks.1.norm.bias": ref["proj_l.1.encoder.layers.1.0.norm_q.bias"],
+        "embeddings.text.transformer.blocks.1.norm_q.bias": ref["proj_l.1.encoder.layers.1.0.norm_q.bias"],
+        "embeddings.text.transformer.blocks.1.norm_k.weight": ref["proj_l.1.encoder.layers.1.0.norm_k.weight"],
+        "embeddings.text.transformer.blocks.1.norm_v.bias": ref["proj_l.1.encoder.layers.1.0.norm_v.bias"],
         "embeddings.text.transformer.blocks.1.norm_mlp.weight": ref["proj_l.1.encoder.layers.1.1.norm.weight"],
         "embeddings.text.transformer.blocks.1.mlp.net.3.weight": ref["proj_l.1.encoder.layers.1.1.fn.net.3.weight"],
         "completeness_check.encoder.tokens": ref["completeness_check.0.extra_token"],
@@ -158,10 +163,12 @@ def test_reference_checkpoint_loads_with_the_documented_transforms(model):
         "fusion.transformer.source_pos": ref["dmml.2.pos_embedding_s"],
         "fusion.transformer.target_token": ref["dmml.2.extra_token"],
         "fusion.transformer.source_token": ref["dmml.2.extra_token"],
-        "fusion.transformer.transformer.blocks.1.norm.weight":
+        "fusion.transformer.transformer.blocks.1.norm_q.weight":
             ref["dmml.2.CrossTransformerEncoder.layers.1.0.norm_q.weight"],
-        "fusion.transformer.transformer.blocks.1.norm_context.weight":
+        "fusion.transformer.transformer.blocks.1.norm_k.weight":
             ref["dmml.2.CrossTransformerEncoder.layers.1.0.norm_k.weight"],
+        "fusion.transformer.transformer.blocks.1.norm_v.weight":
+            ref["dmml.2.CrossTransformerEncoder.layers.1.0.norm_v.weight"],
         "fusion.transformer.transformer.blocks.0.attn.to_qkv.weight": cat(
             [ref[f"dmml.2.CrossTransformerEncoder.layers.0.0.fn.to_{x}.weight"] for x in "qkv"]),
         "fusion.head.weight": ref["dmml.3.weight"],
@@ -170,7 +177,8 @@ def test_reference_checkpoint_loads_with_the_documented_transforms(model):
         assert torch.equal(ours[name], value), name
     # Found by value (all values are distinct), whatever the names: each tensor of ours is one
     # reference tensor, or reference tensors stacked by rows; every reference value lands.
-    by_first = {v.flatten()[0].item(): name for name, v in ref.items() if not name.endswith(TIED)}
+    by_first = {v.flatten()[0].item(): name for name, v in ref.items()}
+    assert len(by_first) == len(ref), "the values tell every reference tensor apart"
     landed = set()
     for name, value in ours.items():
         row = 0
@@ -184,26 +192,59 @@ def test_reference_checkpoint_loads_with_the_documented_transforms(model):
     assert landed == set(by_first.values())
 
 
-def test_loaded_model_predicts_what_the_reference_predicts(model):
-    """Golden values: the authors' code (BERT replaced by the identity) with this checkpoint on
-    these inputs, full length (our model masks padding; the reference attends over it)."""
-    loaded = mosi_model().eval()
-    loaded.load_state_dict(from_reference(reference_state_dict(), loaded))
+# Valid lengths of the two rows in the padded case (the rest of each row is zeros, as MMSA pads).
+PADDED_LENGTHS = {"text": (50, 23), "audio": (375, 120), "vision": (310, 500)}
+
+
+def reference_inputs(padded: bool) -> Batch:
     g = torch.Generator().manual_seed(1)
     x = {m: torch.randn(2, MOSI.seq_len(m), MOSI.dim(m), generator=g) for m in ("text", "audio", "vision")}
-    full = {m: torch.ones(2, MOSI.seq_len(m), dtype=torch.bool) for m in x}
-    batch = Batch(**{m: ModalityInput(complete=None, observed=x[m], valid=full[m], keep=full[m]) for m in x},
-                  label=torch.zeros(2), text_missing_fraction=torch.zeros(2))
+    valid = {m: torch.ones(2, MOSI.seq_len(m), dtype=torch.bool) for m in x}
+    if padded:
+        for m in x:
+            for row, n in enumerate(PADDED_LENGTHS[m]):
+                x[m][row, n:] = 0
+                valid[m][row, n:] = False
+    return Batch(**{m: ModalityInput(complete=None, observed=x[m], valid=valid[m], keep=valid[m]) for m in x},
+                 label=torch.zeros(2), text_missing_fraction=torch.zeros(2))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full-length", "padded"])
+def test_loaded_model_predicts_what_the_reference_predicts(padded):
+    """Golden values: the authors' code (BERT replaced by the identity) with a trained-like
+    checkpoint (every q/k/v norm different) on these inputs. The reference attends over
+    padding, so padded rows match with model.lnln.attend_padding: true."""
+    loaded = mosi_model(attend_padding=padded).eval()
+    loaded.load_state_dict(from_reference(reference_state_dict(), loaded))
     with torch.no_grad():
-        out = loaded(batch)
-    assert torch.allclose(out["prediction"], torch.tensor(GOLDEN_PREDICTION), atol=1e-4)
-    assert torch.allclose(out["completeness"].reshape(-1), torch.tensor(GOLDEN_COMPLETENESS), atol=1e-5)
+        out = loaded(reference_inputs(padded))
+    golden = GOLDEN["padded" if padded else "full"]
+    assert torch.allclose(out["prediction"], torch.tensor(golden[0]), atol=1e-4)
+    assert torch.allclose(out["completeness"].reshape(-1), torch.tensor(golden[1]), atol=1e-5)
+
+
+def test_masking_padding_makes_a_row_independent_of_its_padding():
+    """The default (model.lnln.attend_padding: false) differs from the reference on padded rows
+    exactly because padding is not attended: lengthening the padding changes nothing."""
+    model = mosi_model().eval()
+    model.load_state_dict(from_reference(reference_state_dict(), model))
+    batch = reference_inputs(padded=True)
+    with torch.no_grad():
+        masked = model(batch)["prediction"]
+        attended = mosi_model(attend_padding=True).eval()
+        attended.load_state_dict(from_reference(reference_state_dict(), attended))
+        assert not torch.allclose(attended(batch)["prediction"], masked, atol=1e-3)
+        batch.audio.observed[1, 120:] = 5.0  # different padding values, same valid positions
+        assert torch.equal(model(batch)["prediction"], masked)
 
 
 # The authors' models/lnln.py (HEAD of github.com/Haoyu-ha/LNLN), configs/train_mosi.yaml,
-# reference_state_dict(0) loaded strictly, bertmodel replaced by the identity, eval mode, CPU fp32.
-GOLDEN_PREDICTION = [-3.076739549636841, -2.192640781402588]
-GOLDEN_COMPLETENESS = [0.31102678179740906, 0.6830371022224426]
+# reference_state_dict(0) loaded strictly, bertmodel replaced by the identity, eval mode, CPU fp32:
+# (prediction, completeness w) of the two rows.
+GOLDEN = {
+    "full": ([-1.3088250160217285, 1.047844409942627], [0.39570969343185425, 0.8015398979187012]),
+    "padded": ([-2.303149461746216, 2.402498483657837], [0.39570969343185425, 0.8538611531257629]),
+}
 
 
 def test_round_trip_ours_to_reference_and_back_is_identical(model):
@@ -216,13 +257,32 @@ def test_round_trip_ours_to_reference_and_back_is_identical(model):
         assert torch.equal(back[name], value), name
 
 
-def test_trained_reference_norms_cannot_load_into_our_single_norm(model):
-    """The architecture difference: the reference normalises q, k, v with three LayerNorms."""
-    ref = reference_state_dict()
-    ref["proj_a.1.encoder.layers.1.0.norm_k.weight"] += 0.01
-    with pytest.raises(ValueError, match=r"'proj_a\.1\.encoder\.layers\.1\.0\.norm_k\.weight' differ.*"
-                                         r"'embeddings\.audio\.transformer\.blocks\.1\.norm\.weight'.*PreNorm_qkv"):
-        from_reference(ref, model)
+def test_shared_norms_take_an_untrained_checkpoint_and_refuse_a_trained_one():
+    """model.lnln.qkv_norms: shared holds one LayerNorm where the reference holds three."""
+    shared = mosi_model(qkv_norms="shared")
+    untrained = reference_state_dict(tied_norms=True)
+    loaded = from_reference(untrained, shared)
+    assert torch.equal(loaded["embeddings.audio.transformer.blocks.1.norm.weight"],
+                       untrained["proj_a.1.encoder.layers.1.0.norm_k.weight"])
+    assert torch.equal(loaded["fusion.transformer.transformer.blocks.0.norm_context.bias"],
+                       untrained["dmml.2.CrossTransformerEncoder.layers.0.0.norm_v.bias"])
+    assert set(to_reference(loaded)) == set(untrained)
+    with pytest.raises(ValueError, match=r"'proj_l\.1\.encoder\.layers\.0\.0\.norm_q\.weight' and "
+                                         r"'proj_l\.1\.encoder\.layers\.0\.0\.norm_k\.weight' differ.*"
+                                         r"'embeddings\.text\.transformer\.blocks\.0\.norm\.weight'.*"
+                                         r"qkv_norms: separate"):
+        from_reference(reference_state_dict(), shared)
+
+
+def test_separate_norms_are_the_shared_form_when_they_are_equal():
+    """Folding the three norms' affines into the projections computes what one norm computes."""
+    separate, shared = mosi_model().eval(), mosi_model(qkv_norms="shared").eval()
+    untrained = reference_state_dict(tied_norms=True)
+    separate.load_state_dict(from_reference(untrained, separate))
+    shared.load_state_dict(from_reference(untrained, shared))
+    batch = reference_inputs(padded=True)
+    with torch.no_grad():
+        assert torch.allclose(separate(batch)["prediction"], shared(batch)["prediction"], atol=1e-5)
 
 
 def test_shape_mismatch_names_the_tensor_the_expected_and_the_found_shape(model):
