@@ -16,14 +16,41 @@ class OutputExistsError(MsaSearchError):
     pass
 
 
+class OutputNotWritableError(MsaSearchError):
+    pass
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
+def unwritable(path: Path, inside: bool = False) -> str | None:
+    """Why `path` cannot be made, or None: the nearest existing folder on its way must be a
+    writable directory. `inside`: `path` is a directory written into (a run); otherwise an
+    output made beside itself and renamed into place (atomic_file, atomic_dir)."""
+    probe = Path(path).absolute()
+    probe = probe if inside else probe.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):  # also false on a read-only file system
+        return f"{probe} is not writable"
+    return None
+
+
 def refuse_existing(path: Path, force: bool) -> None:
-    """Fail early (before any long work) when `path` exists and replacing it was not asked for."""
+    """Fail early (the CLI, before any long work) when `path` exists and replacing it was not
+    asked for, or when it cannot be made."""
+    _refuse_if_exists(path, force)
+    reason = unwritable(path)
+    if reason:
+        raise OutputNotWritableError(f"{path}: expected an output in a writable directory, found {reason}")
+
+
+def _refuse_if_exists(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise OutputExistsError(f"{path}: already exists; choose another output or pass --force to replace it")
 
@@ -32,7 +59,7 @@ def refuse_existing(path: Path, force: bool) -> None:
 def atomic_file(path: Path, force: bool = False):
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    refuse_existing(path, force)
+    _refuse_if_exists(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -49,7 +76,7 @@ def atomic_file(path: Path, force: bool = False):
 def atomic_dir(path: Path, force: bool = False):
     """Yield a temporary directory beside `path`; it becomes `path` only if the block succeeds."""
     path = Path(path)
-    refuse_existing(path, force)
+    _refuse_if_exists(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

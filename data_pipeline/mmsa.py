@@ -11,12 +11,15 @@ import numpy as np
 
 from .atomic import atomic_file
 from .errors import DataValidationError
+from .invariants import INT32_MAX, check_disjoint_ids, check_finite, check_split
 from .presets import SPLITS
 from .schema import MSADataset, SplitArrays, spec_for
 
 REQUIRED_KEYS = ("text", "audio", "vision", "regression_labels", "id")
 UNIMODAL_KEYS = {"T": "regression_labels_T", "A": "regression_labels_A", "V": "regression_labels_V"}
-_CHUNK = 512  # samples per finiteness check: bounds the temporary memory on MOSEI-size files
+# The MMSA key behind each SplitArrays field, for check_split's messages (text lengths are the
+# attention mask's sums where text_bert is given).
+PICKLE_KEYS = {"ids": "id", "labels": "regression_labels", "text_lengths": "text_bert"}
 
 
 def infer_dataset_name(path: Path, raw_train: dict) -> str:
@@ -62,6 +65,7 @@ def read_mmsa(path: str | Path, dataset: str | None = None) -> MSADataset:
                                           f"(N, {got[0]}, {got[1]})")
         if (reference.text_bert is None) != (splits[split].text_bert is None):
             raise DataValidationError(file, split, "text_bert", "present in every split or in none")
+    check_disjoint_ids({s: a.ids for s, a in splits.items()}, file)
     return MSADataset(spec_for(name, splits, label_range), splits)
 
 
@@ -94,23 +98,17 @@ def _read_split(file: str, split: str, raw: dict, label_range: tuple[float, floa
     # MMSA audio features may hold -inf (log of zero energy): the protocol maps it to 0 first.
     if np.isneginf(audio).any():
         audio = np.where(np.isneginf(audio), np.float32(0.0), audio)
-    for key, arr in (("text", text), ("audio", audio), ("vision", vision)):
-        _check_finite(arr, fail, key)
-    _check_finite(labels, fail, "regression_labels")
-    lo, hi = label_range
-    if labels.min() < lo or labels.max() > hi:
-        fail("regression_labels", f"values within [{lo:g}, {hi:g}]", f"range [{labels.min():g}, {labels.max():g}]")
 
     text_bert = None
     if "text_bert" in raw:
         tb = _numeric(raw["text_bert"], fail, "text_bert")
         if tb.ndim != 3 or tb.shape[0] != n or tb.shape[1] != 3 or tb.shape[2] != text.shape[1]:
             fail("text_bert", f"shape ({n}, 3, {text.shape[1]}) (ids, attention mask, token types)", str(tb.shape))
-        _check_finite(tb, fail, "text_bert")
+        check_finite(tb, lambda expected, found: fail("text_bert", expected, found))
         if not np.array_equal(tb, np.round(tb)):
             fail("text_bert", "integer token ids and masks", "non-integer values")
-        if not np.isin(tb[:, 1], (0, 1)).all():
-            fail("text_bert", "an attention mask (row 1) of 0/1", "other values")
+        if np.abs(tb).max() > INT32_MAX:  # kept as int32 (the Parquet store's column)
+            fail("text_bert", f"values within int32 (|v| <= {INT32_MAX})", f"{np.abs(tb).max():g}")
         text_bert = tb.astype(np.int32)
         text_lengths = text_bert[:, 1].sum(axis=1).astype(np.int32)
     else:
@@ -138,19 +136,21 @@ def _read_split(file: str, split: str, raw: dict, label_range: tuple[float, floa
             arr = _numeric(raw[key], fail, key).reshape(-1)
             if arr.shape[0] != n:
                 fail(key, f"{n} labels as in regression_labels", f"{arr.shape[0]}")
-            _check_finite(arr, fail, key)
+            check_finite(arr, lambda expected, found, key=key: fail(key, expected, found))
             unimodal[letter] = arr.astype(np.float32)
     raw_text = None
     if "raw_text" in raw:
         raw_text = np.asarray(raw["raw_text"]).reshape(-1).astype(str)
         if raw_text.shape[0] != n:
             fail("raw_text", f"{n} transcripts as in regression_labels", f"{raw_text.shape[0]}")
-    return SplitArrays(
+    arrays = SplitArrays(
         ids=ids, labels=labels.astype(np.float32), text=text, audio=audio, vision=vision,
         text_lengths=text_lengths, audio_lengths=lengths("audio_lengths", audio),
         vision_lengths=lengths("vision_lengths", vision), text_bert=text_bert,
         unimodal_labels=unimodal, raw_text=raw_text,
     )
+    check_split(arrays, file=file, split=split, keys=PICKLE_KEYS, label_range=label_range)
+    return arrays
 
 
 def _numeric(value, fail, key) -> np.ndarray:
@@ -161,17 +161,6 @@ def _numeric(value, fail, key) -> np.ndarray:
     if arr.dtype.kind not in "fiub":
         fail(key, "a numeric array", f"dtype {arr.dtype}")
     return arr
-
-
-def _check_finite(arr: np.ndarray, fail, key) -> None:
-    if arr.dtype.kind != "f":
-        return
-    for start in range(0, arr.shape[0], _CHUNK):
-        chunk = arr[start:start + _CHUNK]
-        if not np.isfinite(chunk).all():
-            bad = np.argwhere(~np.isfinite(chunk))[0]
-            index = (int(bad[0]) + start, *(int(i) for i in bad[1:]))
-            fail(key, "finite values (no NaN/Inf)", f"{chunk[tuple(bad)]} at index {index}")
 
 
 def _infer_lengths(arr: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SPLITS = ("train", "valid", "test")
+EVALUATED_SPLITS = ("valid", "test")  # every epoch is evaluated on these
 MODALITIES = ("text", "audio", "vision")
 # Short names used in missing patterns ("inter:A+V"), in the order L, A, V.
 MODALITY_LETTERS = {"text": "L", "audio": "A", "vision": "V"}

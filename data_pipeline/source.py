@@ -8,7 +8,7 @@ from pathlib import Path
 from .config import DataConfig
 from .errors import DataValidationError
 from .mmsa import read_mmsa
-from .store import SCHEMA_FILE, write_store
+from .store import SCHEMA_FILE, check_store_ids, write_store
 from .synth import synthesize
 
 
@@ -33,6 +33,8 @@ def prepare_store(cfg: DataConfig, cache_dir: str | Path) -> Path:
         if not (source / SCHEMA_FILE).is_file():
             raise DataValidationError(str(source), None, SCHEMA_FILE, "a Parquet dataset directory (data.path)",
                                       "no schema.json")
+        # Each split is checked as it is read; a sample in two splits only shows across them.
+        check_store_ids(source)
         return source
     if not source.is_file():
         raise DataValidationError(str(source), None, None, "an MMSA pickle or a Parquet dataset dir (data.path)",

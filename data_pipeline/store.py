@@ -14,12 +14,16 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_dir
 from .errors import DataValidationError
+from .invariants import check_disjoint_ids, check_split
 from .presets import SPLITS
 from .schema import DataSpec, MSADataset, SplitArrays
 
 SCHEMA_FILE = "schema.json"
 METADATA_KEY = b"msa_search.schema"
 _ROW_GROUP = 256
+# The column behind each SplitArrays field whose name differs, for check_split's messages.
+COLUMNS = {"ids": "id", "labels": "label", "text_lengths": "text_length", "audio_lengths": "audio_length",
+           "vision_lengths": "vision_length"}
 
 
 def _flat(arr: np.ndarray) -> pa.FixedSizeBinaryArray:
@@ -120,7 +124,8 @@ def _strings(table: pa.Table, name: str, file: str, split: str) -> np.ndarray:
 
 
 def read_split(store_dir: str | Path, split: str, spec: DataSpec | None = None) -> SplitArrays:
-    """Load one split as arrays (a reshape per column; arrays are writable copies)."""
+    """Load one split as arrays (a reshape per column; arrays are writable copies), checked as
+    the MMSA reader checks a split: `data.path` may name a store that no reader of ours wrote."""
     store_dir = Path(store_dir)
     spec = spec or read_spec(store_dir)
     path = store_dir / f"{split}.parquet"
@@ -132,7 +137,7 @@ def read_split(store_dir: str | Path, split: str, spec: DataSpec | None = None) 
     unimodal = None
     if "label_T" in table.column_names:
         unimodal = {l: get(f"label_{l}", (), np.float32) for l in ("T", "A", "V")}
-    return SplitArrays(
+    arrays = SplitArrays(
         ids=_strings(table, "id", file, split),
         labels=get("label", (), np.float32),
         text=get("text", (spec.text_len, spec.text_dim), np.float32),
@@ -145,8 +150,24 @@ def read_split(store_dir: str | Path, split: str, spec: DataSpec | None = None) 
         unimodal_labels=unimodal,
         raw_text=_strings(table, "raw_text", file, split) if "raw_text" in table.column_names else None,
     )
+    check_split(arrays, file=file, split=split, keys=COLUMNS, label_range=(spec.label_min, spec.label_max))
+    return arrays
+
+
+def check_store_ids(store_dir: str | Path) -> None:
+    """No sample id in two splits of a store (reads the id columns only)."""
+    store_dir = Path(store_dir)
+    ids = {}
+    for split in SPLITS:
+        path = store_dir / f"{split}.parquet"
+        if not path.is_file():
+            raise DataValidationError(str(store_dir), split, None, f"file {split}.parquet", "missing")
+        ids[split] = _strings(pq.read_table(path, columns=["id"]), "id", str(path), split)
+    check_disjoint_ids(ids, str(store_dir))
 
 
 def read_store(store_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> MSADataset:
     spec = read_spec(store_dir)
-    return MSADataset(spec, {s: read_split(store_dir, s, spec) for s in splits})
+    dataset = MSADataset(spec, {s: read_split(store_dir, s, spec) for s in splits})
+    check_disjoint_ids({s: a.ids for s, a in dataset.splits.items()}, str(store_dir))
+    return dataset

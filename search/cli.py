@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from data_pipeline.atomic import refuse_existing
+from data_pipeline.atomic import refuse_existing, unwritable
 from data_pipeline.errors import MsaSearchError
 
 app = typer.Typer(help="Hyperparameter and robustness search for multimodal sentiment analysis under missing modalities.",
@@ -180,6 +180,8 @@ def train(
                               f"--resume {group.runs()[0][1]}")
     overrides = [*set_, f"train.seeds=[{', '.join(map(str, parse_seeds(seeds)))}]"] if seeds is not None else set_
     cfg = None if resume is not None else load_config(config, overrides)
+    if cfg is not None:
+        _refuse_unwritable_output(cfg)
     if cfg is not None and cfg.train.seeds:
         group = train_group(cfg, lambda seed_cfg: _train_one(seed_cfg, None, address, init_from),
                             say=err_console.print, keep_going=not _state["debug"])
@@ -222,6 +224,8 @@ def tune_cmd(
     from .tune import run_experiment
 
     cfg = None if resume is not None else load_config(config, set_)
+    if cfg is not None:
+        _refuse_unwritable_output(cfg)
     outcome = run_experiment(cfg, resume_dir=resume, ray_address=address, verbose=verbose)
     counts = ", ".join(f"{n} {state}" for state, n in outcome.trials.items() if n) or "none"
     console.print(f"trials: {counts}")
@@ -231,6 +235,16 @@ def tune_cmd(
     _print_status(outcome.exp_dir)
     console.print(f"experiment: {outcome.exp_dir} (config.yaml, optuna.db, results/, ray/); "
                   f"next: msa-search export {outcome.exp_dir} --out {outcome.exp_dir}/best.yaml")
+
+
+def _refuse_unwritable_output(cfg) -> None:
+    """An output.dir that cannot be made is refused with the config, before any data or Ray."""
+    from .config import ConfigError
+
+    reason = unwritable(Path(cfg.output.dir), inside=True)
+    if reason:
+        raise ConfigError(f"config key 'output.dir': expected a directory this user can write "
+                          f"({cfg.output.dir}), found {reason}")
 
 
 def _print_status(exp: Path) -> None:
@@ -394,7 +408,8 @@ def dashboards_push(
     """Create or update the dashboard, its folder and its Prometheus data source in a running Grafana.
 
     Token: GRAFANA_TOKEN (a service-account token, Editor role); no default user or password is tried.
-    Pushing again overwrites the same uids."""
+    Pushing again overwrites the same uids. If Grafana cannot query the Prometheus at --prometheus-url,
+    nothing is changed and the push fails."""
     import os
 
     from .dashboards import DEFAULT_PROMETHEUS_URL
@@ -405,8 +420,8 @@ def dashboards_push(
         raise MsaSearchError("GRAFANA_TOKEN is not set: export a Grafana service-account token (Editor role); "
                              "no default user or password is tried")
     result = push_dashboards(url, token, prometheus_url or DEFAULT_PROMETHEUS_URL, timeout=timeout)
-    console.print(f"pushed: folder {result.folder}, data source {result.datasource}, dashboard {result.dashboard_url}",
-                  soft_wrap=True)
+    console.print(f"pushed: folder {result.folder}, data source {result.datasource} (Prometheus {result.prometheus}), "
+                  f"dashboard {result.dashboard_url}", soft_wrap=True)
 
 
 def main() -> None:

@@ -185,6 +185,11 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"config key 'model.loss_weights.{unknown[0]}': not a loss term of model "
                              f"'{entry.name}' (got {unknown[0]}={self.model.loss_weights[unknown[0]]}); "
                              f"its terms are {', '.join(entry.loss_terms)}")
+        bad = [k for k, w in self.model.loss_weights.items() if not 0 <= w < float("inf")]
+        if bad:  # a negative weight trains its term the wrong way (adversarial terms reverse gradients already)
+            raise ValueError(f"config key 'model.loss_weights.{bad[0]}': not a weight (got "
+                             f"{bad[0]}={self.model.loss_weights[bad[0]]}); loss weights are finite and >= 0 "
+                             "(0 turns a term off)")
         if self.missing.train_mode is None:
             self.missing.train_mode = entry.train_missing
         if entry.check_config is not None and not (info.context or {}).get("stored"):
@@ -262,7 +267,8 @@ class ExperimentConfig(BaseModel):
             try:
                 space[key] = Dist.parse(raw)
             except ValueError as exc:
-                raise ValueError(f"config key 'search.space.{key}': {exc}") from None
+                got = "" if "got" in str(exc) or repr(raw) in str(exc) else f" (got {raw!r})"  # e.g. an empty choice
+                raise ValueError(f"config key 'search.space.{key}': {exc}{got}") from None
         for key, dist in space.items():
             if key.startswith("model.loss_weights.") and key.split(".", 2)[2] not in entry.loss_terms:
                 raise ValueError(f"config key 'search.space.{key}': '{key.split('.', 2)[2]}' is not a loss term "

@@ -4,8 +4,11 @@ Uses grafana-client (the maintained fork of the `grafana-api` package DESIGN.md 
 service-account token only: never `GrafanaApi.from_env()`, whose fallback without a URL is
 admin:admin on localhost. Idempotent: a folder of its own (found or created by uid), the data
 source created or updated under its fixed uid, the dashboard saved under its uid with overwrite.
-Every failure a user can meet (Grafana unreachable, token refused, a server error) becomes one
-`MsaSearchError` line naming the URL and the step.
+Before the dashboard is saved, Grafana itself checks that the data source's Prometheus answers
+(its data-source health API, so the URL is tried as Grafana reaches it, which may differ from
+how this machine would); if it does not, the folder and data source are put back as they were.
+Every failure a user can meet (Grafana unreachable, token refused, a server error, Prometheus
+absent) becomes one `MsaSearchError` line naming the URL and the step.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class PushResult:
     folder: str       # "found" or "created"
     datasource: str   # "created", "updated" or "kept (provisioned, read-only)"
     dashboard_url: str
+    prometheus: str = "answers"  # or "not checked (...)" where Grafana has no health API
 
 
 def push_dashboards(url: str, token: str, prometheus_url: str = DEFAULT_PROMETHEUS_URL,
@@ -73,6 +77,20 @@ def push_dashboards(url: str, token: str, prometheus_url: str = DEFAULT_PROMETHE
             api.datasource.update_datasource_by_uid(DATASOURCE_UID, settings)
         datasource = "updated"
 
+    # A dashboard over a Prometheus that does not answer would only show "No data".
+    try:
+        with _step(base, "checking the data source's Prometheus"):
+            prometheus = _prometheus_health(api)
+    except MsaSearchError as exc:
+        raise MsaSearchError(f"{exc}; {_undo(api, folder is None, datasource, existing)}") from exc
+    if prometheus.startswith("ERROR: "):
+        used = (f"--prometheus-url '{prometheus_url}'" if existing is None or not existing.get("readOnly")
+                else f"the provisioned data source's URL '{existing.get('url', '?')}'")
+        undone = _undo(api, folder is None, datasource, existing)
+        raise MsaSearchError(f"{used}: expected a Prometheus that Grafana at {base} can query, found "
+                             f"{prometheus.removeprefix('ERROR: ')}; {undone}; start Prometheus (README, Live "
+                             "metrics) or give its URL as Grafana reaches it")
+
     board = json.loads(dashboard_json())
     with _step(base, "saving the dashboard"):
         saved = api.dashboard.update_dashboard({"dashboard": board, "folderUid": FOLDER_UID, "overwrite": True,
@@ -81,7 +99,40 @@ def push_dashboards(url: str, token: str, prometheus_url: str = DEFAULT_PROMETHE
     path = saved.get("url", "") if isinstance(saved, dict) else ""
     origin = f"{parsed.scheme}://{parsed.netloc}"
     return PushResult(folder="created" if folder is None else "found", datasource=datasource,
-                      dashboard_url=origin + path if path.startswith("/") else base)
+                      dashboard_url=origin + path if path.startswith("/") else base, prometheus=prometheus)
+
+
+def _prometheus_health(api: GrafanaApi) -> str:
+    """What Grafana's health check of the data source finds: `answers`, `ERROR: <its reason>`, or
+    `not checked (...)` on a Grafana without the data-source health API (before 9)."""
+    try:
+        answer = api.datasource.health(DATASOURCE_UID)
+    except GrafanaClientError as exc:
+        if exc.status_code == 404:
+            return "not checked (this Grafana has no data-source health API)"
+        if exc.status_code != 400:  # Grafana answers 400 with {status: ERROR, message} for a failed check
+            raise
+        answer = exc.response
+    if isinstance(answer, dict) and answer.get("status") == "OK":
+        return "answers"
+    message = answer.get("message") if isinstance(answer, dict) else answer
+    return f"ERROR: {_one_line(str(message or 'no answer'))}"
+
+
+def _undo(api: GrafanaApi, folder_created: bool, datasource: str, previous: dict | None) -> str:
+    """Put the data source and folder back as they were before this push; says how that went."""
+    try:
+        if datasource == "created":
+            api.datasource.delete_datasource_by_uid(DATASOURCE_UID)
+        elif datasource == "updated":
+            # Without its version: Grafana refuses an update older than the one just made.
+            api.datasource.update_datasource_by_uid(DATASOURCE_UID, {k: v for k, v in previous.items()
+                                                                     if k != "version"})
+        if folder_created:
+            api.folder.delete_folder(FOLDER_UID)
+    except (GrafanaException, niquests.exceptions.RequestException) as exc:
+        return f"undoing this push failed too ({_root_cause(exc)}): check folder and data source {DATASOURCE_UID}"
+    return "nothing was changed"
 
 
 def _missing_is_none(get):

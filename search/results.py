@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 
 from data_pipeline.atomic import atomic_file
 from data_pipeline.missing import MODALITY_LETTERS, parse_pattern
+from data_pipeline.presets import EVALUATED_SPLITS  # noqa: F401 (worker and evaluate_checkpoint import it here)
 
 from .config import ExperimentConfig, SearchConfig
 from .objective import OBJECTIVE, PatternMetrics, objective_value
 
 KEY_COLUMNS = ("trial_id", "epoch", "split", "pattern")
-EVALUATED_SPLITS = ("valid", "test")  # every epoch is evaluated on these
 
 EpochResults = dict[str, PatternMetrics]  # split -> pattern name -> metric -> value
 

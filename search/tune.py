@@ -23,6 +23,7 @@ from .layout import Layout
 from .objective import OBJECTIVE
 from .ray_output import ray_output_to
 from .ray_setup import cluster_of, ensure_ray
+from .run import new_run_dir
 from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
 from .strategy import scheduler, searcher, trial_epoch_budget
@@ -55,12 +56,14 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
     space = cfg.search_space()
     # Decided before anything is written: a refusal leaves no half-made experiment directory.
     placement = place(cfg, cluster_of(ray_address), visible_gpus(), tune=True)
-    layout.root.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
-        # config.yaml keeps train.device as written (a resume may run on another cluster).
-        layout.config.write_text(cfg.to_yaml())
-        layout.space.write_text(json.dumps(space_to_data(space), indent=2) + "\n")
-    store = prepare_store(cfg.data, layout.data)
+        with new_run_dir(layout.root):  # data refused: no half-made experiment directory is left
+            # config.yaml keeps train.device as written (a resume may run on another cluster).
+            layout.config.write_text(cfg.to_yaml())
+            layout.space.write_text(json.dumps(space_to_data(space), indent=2) + "\n")
+            store = prepare_store(cfg.data, layout.data)
+    else:
+        store = prepare_store(cfg.data, layout.data)
     with ray_output_to(layout.ray_log, verbose=verbose) as ray_warnings, showing(sys.stderr, ray_warnings):
         ensure_ray(ray_address)  # a joined cluster was joined by cluster_of(), before the log existed
         for line in placement.warnings:

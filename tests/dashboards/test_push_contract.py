@@ -8,101 +8,22 @@ from __future__ import annotations
 import json
 import socket
 import sys
-import threading
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from search import cli, dashboards
+from fake_grafana import FakeGrafana, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "glsa_contract_test_token"
-
-
-@dataclass
-class FakeGrafana:
-    """What the server holds, what it was asked, and how it should fail (None, 401 or 500)."""
-    fail_with: int | None = None
-    prefix: str = ""
-    folders: dict = field(default_factory=dict)
-    datasources: dict = field(default_factory=dict)
-    dashboards: dict = field(default_factory=dict)
-    requests: list = field(default_factory=list)
-
-    def answer(self, method: str, path: str, body) -> tuple[int, dict]:
-        if self.fail_with == 401:
-            return 401, {"message": "invalid API key"}
-        if self.fail_with == 500:
-            return 500, {"message": "database is locked"}
-        if not path.startswith(self.prefix + "/api/"):
-            return 404, {"message": "not found"}
-        parts = path[len(self.prefix) + len("/api/"):].split("/")
-        if parts[0] == "folders":
-            if method == "GET" and len(parts) == 2:
-                found = self.folders.get(parts[1])
-                return (200, found) if found else (404, {"message": "folder not found"})
-            if method == "POST" and len(parts) == 1:
-                if body["uid"] in self.folders:
-                    return 409, {"message": "a folder with the same uid already exists"}
-                self.folders[body["uid"]] = {"uid": body["uid"], "title": body["title"], "id": len(self.folders) + 1}
-                return 200, self.folders[body["uid"]]
-        if parts[0] == "datasources":
-            if len(parts) == 3 and parts[1] == "uid":
-                uid = parts[2]
-                if method == "GET":
-                    found = self.datasources.get(uid)
-                    return (200, found) if found else (404, {"message": "Data source not found"})
-                if method == "PUT":
-                    if uid not in self.datasources:
-                        return 404, {"message": "Data source not found"}
-                    self.datasources[uid] = {**self.datasources[uid], **body}
-                    return 200, {"message": "Datasource updated", "datasource": self.datasources[uid]}
-            if method == "POST" and len(parts) == 1:
-                names = {d["name"] for d in self.datasources.values()}
-                if body["uid"] in self.datasources or body["name"] in names:
-                    return 409, {"message": "data source with the same name already exists"}
-                self.datasources[body["uid"]] = {**body, "id": len(self.datasources) + 1, "readOnly": False}
-                return 200, {"message": "Datasource added", "datasource": self.datasources[body["uid"]]}
-        if parts == ["dashboards", "db"] and method == "POST":
-            uid = body["dashboard"]["uid"]
-            if uid in self.dashboards and not body.get("overwrite"):
-                return 412, {"message": "The dashboard has been changed by someone else", "status": "version-mismatch"}
-            version = self.dashboards.get(uid, {}).get("version", 0) + 1
-            self.dashboards[uid] = {**body, "version": version}
-            return 200, {"status": "success", "uid": uid, "version": version, "url": f"{self.prefix}/d/{uid}/robustness"}
-        return 404, {"message": "not found"}
 
 
 @pytest.fixture
 def grafana():
     """A fake Grafana on a free loopback port; yields (state, base URL)."""
     state = FakeGrafana()
-
-    class Handler(BaseHTTPRequestHandler):
-        def _handle(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw else None
-            state.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
-                                   "body": body})
-            status, payload = state.answer(self.command, self.path, body)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_PUT = do_DELETE = _handle
-
-        def log_message(self, *args) -> None:  # keep pytest's output clean
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    server, thread = serve(state)
     try:
         yield state, f"http://127.0.0.1:{server.server_address[1]}"
     finally:
@@ -146,7 +67,7 @@ def test_push_contract_sends_folder_datasource_and_dashboard_with_the_token(graf
     calls = [(r["method"], r["path"]) for r in state.requests]
     assert calls == [("GET", "/api/folders/msa-search"), ("POST", "/api/folders"),
                      ("GET", "/api/datasources/uid/msa-prometheus"), ("POST", "/api/datasources"),
-                     ("POST", "/api/dashboards/db")]
+                     ("GET", "/api/datasources/uid/msa-prometheus/health"), ("POST", "/api/dashboards/db")]
     assert state.folders["msa-search"]["title"] == dashboards.FOLDER_TITLE
     datasource = state.datasources["msa-prometheus"]
     assert (datasource["type"], datasource["url"], datasource["access"]) == ("prometheus", "http://prometheus:9090",
@@ -155,7 +76,8 @@ def test_push_contract_sends_folder_datasource_and_dashboard_with_the_token(graf
     assert saved["overwrite"] is True and saved["folderUid"] == "msa-search"
     committed = json.loads((ROOT / "dashboards" / dashboards.DASHBOARD_FILE).read_text(encoding="utf-8"))
     assert saved["dashboard"] == committed and saved["dashboard"]["uid"] == dashboards.DASHBOARD_UID
-    assert "folder created" in out and "data source created" in out and f"{url}/d/msa-robustness/" in out
+    assert "folder created" in out and "data source created (Prometheus answers)" in out
+    assert f"{url}/d/msa-robustness/" in out
 
 
 def test_push_contract_is_idempotent(grafana, push):
@@ -166,7 +88,8 @@ def test_push_contract_is_idempotent(grafana, push):
     assert code == 0, err
     again = [(r["method"], r["path"]) for r in state.requests[first:]]
     assert again == [("GET", "/api/folders/msa-search"), ("GET", "/api/datasources/uid/msa-prometheus"),
-                     ("PUT", "/api/datasources/uid/msa-prometheus"), ("POST", "/api/dashboards/db")]
+                     ("PUT", "/api/datasources/uid/msa-prometheus"),
+                     ("GET", "/api/datasources/uid/msa-prometheus/health"), ("POST", "/api/dashboards/db")]
     assert len(state.folders) == len(state.datasources) == len(state.dashboards) == 1
     assert state.dashboards[dashboards.DASHBOARD_UID]["version"] == 2
     assert "folder found" in out and "data source updated" in out
@@ -229,8 +152,28 @@ def test_push_without_a_token_fails_before_any_request(grafana, push):
 
 def test_push_refuses_a_user_and_password_in_the_url(grafana, push):
     state, url = grafana
-    code, out, err = push("--url", url.replace("http://", "http://admin:admin@"))
+    code, out, err = push("--url", url.replace("http://", "http://admin:admin@"))  # pragma: allowlist secret
     assert code == 1
     line = _one_error_line(err)
     assert "GRAFANA_TOKEN" in line and "admin:admin" not in line
     assert state.requests == []
+
+
+def test_push_with_prometheus_down_changes_nothing_in_grafana(grafana, push):
+    state, url = grafana
+    state.prometheus_up = False
+    code, out, err = push("--url", url, "--prometheus-url", "http://127.0.0.1:9090")
+    assert code == 1
+    line = _one_error_line(err)
+    assert "--prometheus-url 'http://127.0.0.1:9090'" in line and "connection refused" in line
+    assert "nothing was changed" in line
+    assert state.folders == state.datasources == state.dashboards == {}, "the new folder and data source are removed"
+
+    state.prometheus_up = True  # a working push, then one to a Prometheus that is down
+    assert push("--url", url, "--prometheus-url", "http://127.0.0.1:9090")[0] == 0
+    before = json.loads(json.dumps(state.datasources))
+    state.prometheus_up = False
+    code, out, err = push("--url", url, "--prometheus-url", "http://127.0.0.1:9091")
+    assert code == 1 and "nothing was changed" in _one_error_line(err)
+    assert state.datasources["msa-prometheus"]["url"] == before["msa-prometheus"]["url"] == "http://127.0.0.1:9090"
+    assert state.dashboards[dashboards.DASHBOARD_UID]["version"] == 1, "the dashboard is not saved again"
