@@ -14,6 +14,7 @@ import torch
 from rich.table import Table
 
 from data_pipeline.loader import load_split, stage_splits
+from data_pipeline.presets import EVALUATED_SPLITS
 from data_pipeline.source import prepare_store
 from data_pipeline.store import read_spec
 from models.registry import get_model
@@ -23,7 +24,7 @@ from .devices import configure_torch, in_process_device
 from .export import pattern_table
 from .layout import Layout
 from .objective import objective_value
-from .results import EVALUATED_SPLITS, EpochResults, ResultsStore, RunInfo
+from .results import EpochResults, ResultsStore, RunInfo
 from .run import new_run_dir
 from .trainer import evaluate_epoch
 from .weights import fitted_weights, read_checkpoint

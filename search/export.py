@@ -16,6 +16,7 @@ from .config import ConfigError, ExperimentConfig, load_config
 from .layout import Layout
 from .objective import HELD_OUT_PATTERNS, PatternMetrics, check_objective, objective_mode, objective_value, pareto_front
 from .results import ResultsStore
+from .study import load_study
 
 
 @dataclass
@@ -90,11 +91,9 @@ def pattern_table(title: str, results: dict[str, PatternMetrics], grid: list[str
 def trial_states(layout: Layout, study=None) -> dict[str, int]:
     """Trials by state, as the Optuna study records them (`study`: one loaded already),
     plus failures recorded by the driver."""
-    import optuna
-
     counts: dict[str, int] = {}
     if study is None and layout.optuna_db.is_file():
-        study = optuna.load_study(study_name=layout.study_name, storage=layout.optuna_storage)
+        study = load_study(layout)
     if study is not None:
         for t in study.trials:
             counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1

@@ -36,7 +36,13 @@ def ensure_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(address="local", log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+        # Token auth is on: Ray 2.60's default for a new local cluster, which also writes the
+        # token (~/.ray/auth_token; setting RAY_AUTH_MODE=token ourselves would skip that and
+        # the GCS would not start on a machine without one). The Jobs API on the dashboard's
+        # port runs any command it is sent (CVE-2023-48022); tests/cluster/test_private_cluster.py
+        # checks that it refuses a request without the token. What listens where: README, "Cluster".
+        ray.init(address="local", log_to_driver=False, dashboard_host="127.0.0.1",
+                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)
 
 
 def cluster_of(address: str | None) -> Cluster:

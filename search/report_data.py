@@ -24,6 +24,7 @@ from .export import TrialScore, load_experiment, score_trials, stored_pattern_me
 from .layout import Layout
 from .objective import held_out_patterns as objective_held_out
 from .objective import objective_mode, objective_value, pareto_front
+from .study import load_study, study_names
 
 if TYPE_CHECKING:
     import optuna
@@ -74,14 +75,12 @@ def _load_study(layout: Layout) -> tuple["optuna.Study | None", str]:
     a renamed experiment falls back to the only study its database holds."""
     if not layout.optuna_db.is_file():
         return None, f"no Optuna study (no {layout.optuna_db.name}): a `msa-search train` run has none"
-    import optuna
-
     with quiet_optuna():
-        names = optuna.get_all_study_names(storage=layout.optuna_storage)
+        names = study_names(layout)
         name = layout.study_name if layout.study_name in names else (names[0] if len(names) == 1 else None)
         if name is None:
             return None, f"{layout.optuna_db} holds no study named {layout.study_name}"
-        return optuna.load_study(study_name=name, storage=layout.optuna_storage), ""
+        return load_study(layout, name), ""
 
 
 @contextmanager

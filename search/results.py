@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 
 from data_pipeline.atomic import atomic_file
 from data_pipeline.missing import MODALITY_LETTERS, parse_pattern
-from data_pipeline.presets import EVALUATED_SPLITS  # noqa: F401 (worker and evaluate_checkpoint import it here)
 
 from .config import ExperimentConfig, SearchConfig
 from .objective import OBJECTIVE, PatternMetrics, objective_value

@@ -8,6 +8,7 @@ from .config import ExperimentConfig
 from .layout import Layout
 from .objective import OBJECTIVE, objective_mode
 from .space import tune_domains
+from .study import storage as study_storage
 
 
 def searcher(cfg: ExperimentConfig, layout: Layout):
@@ -19,7 +20,7 @@ def searcher(cfg: ExperimentConfig, layout: Layout):
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                 "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}
     sampler = samplers[cfg.search.sampler](seed=cfg.search.seed)
-    storage = optuna.storages.RDBStorage(layout.optuna_storage)
+    storage = study_storage(layout)
     if cfg.search.objectives:
         metric = [f"{OBJECTIVE}/{name}" for name in cfg.search.objectives]
         mode = [objective_mode(name) for name in cfg.search.objectives]

@@ -27,6 +27,7 @@ from .run import new_run_dir
 from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
 from .strategy import scheduler, searcher, trial_epoch_budget
+from .study import load_study
 from .trials import distributed_trial, in_process_trial
 
 
@@ -138,6 +139,8 @@ def _experiment_to_resume(exp_dir: Path) -> tuple[Layout, ExperimentConfig]:
         # write part of the results there.
         raise MsaSearchError(f"{exp_dir}: this experiment was started in {recorded}; resume it there "
                              "(move the directory back)")
+    if layout.optuna_db.is_file():
+        load_study(layout)  # a locked or corrupt study is refused here, before Ray starts
     return layout, cfg
 
 

@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.loader import SplitTensors, stage_splits
+from data_pipeline.presets import EVALUATED_SPLITS
 
 from .config import TRIAL_CONTEXT, ExperimentConfig
 from .evaluate import ShardPredictions, pattern_metrics, predict_patterns, scatter_rows, split_fingerprint
 from .optim import DeepSpeedStep, OptimizerStep
-from .results import EVALUATED_SPLITS, EpochReport, EpochResults, epoch_metrics
+from .results import EpochReport, EpochResults, epoch_metrics
 from .shared_data import DATA_PRIVATE_MB
 from .row_parallel import eval_streams
 from .trainer import (TrainState, autocast_dtype, build_state, checkpoint_due, load_state, param_dtype, save_state,
