@@ -16,6 +16,7 @@ from .config import ConfigError, ExperimentConfig, load_config
 from .layout import Layout
 from .objective import HELD_OUT_PATTERNS, PatternMetrics, check_objective, objective_mode, objective_value, pareto_front
 from .results import ResultsStore
+from .seed_group import read_group
 from .study import load_study
 
 
@@ -32,8 +33,9 @@ class TrialScore:
 def load_experiment(exp_dir: str | Path) -> tuple[Layout, ExperimentConfig, pd.DataFrame]:
     layout = Layout(Path(exp_dir))
     if not layout.config.is_file():
-        if layout.seed_group.is_file():  # a group holds runs, one per seed, and no config of its own
-            runs = sorted(p.name for p in layout.root.glob("seed-*") if p.is_dir())
+        group = read_group(layout.root)
+        if group is not None:  # a group holds runs, one per seed, and no config of its own
+            runs = [run.name for _, run in group.runs() if run.is_dir()]
             raise MsaSearchError(f"{layout.root}: a seed group, not one run; name one of its runs "
                                  f"({', '.join(runs) or 'none yet'}), or use report --protocol paper on the group")
         raise MsaSearchError(f"{layout.root}: not an experiment directory (no {layout.config.name})")
