@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh DIR [--cpu]: the GPU check of issue 14 (bench/gpu_check.py), under 8 minutes
-# on one GPU; --cpu is its dry run on the CPU at tiny sizes (under 3 minutes).
+# on one GPU; --cpu is its dry run on the CPU at tiny sizes (~45 s on 2 idle cores; its budget,
+# 330 s, leaves room for a busy machine).
 #
 # Needs only a python3 with PyTorch (CUDA build on a GPU) and the project's light dependencies
 # (numpy, pandas, pyarrow, PyYAML). What is missing of pydantic and DeepSpeed (and theirs) is
@@ -66,7 +67,7 @@ for name in ("torch", "numpy", "pandas", "pyarrow", "PyYAML", "pydantic", "pydan
 EOF
 
 if [[ $MODE == cpu ]]; then
-    LIMIT=180
+    LIMIT=345
     ARGS=(--cpu)
 else
     LIMIT=450

@@ -3,6 +3,7 @@ and an existing output is never overwritten unless asked (and then replaced only
 new one is complete)."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -18,6 +19,53 @@ class OutputExistsError(MsaSearchError):
 
 class OutputNotWritableError(MsaSearchError):
     pass
+
+
+class OutputWriteError(MsaSearchError):
+    """An output that could be written when the command started cannot be any more (the disk
+    filled up, the file system turned read-only, ...): names the file and why."""
+
+
+# What a user can act on, by errno; strerror's own words for anything else.
+_WRITE_FAULTS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
+
+
+def write_fault(exc: OSError) -> str:
+    """Why an OSError from a write happened, in a few words (pyarrow's and torch's OSErrors
+    carry the errno too, with longer messages)."""
+    if exc.errno in _WRITE_FAULTS:
+        return _WRITE_FAULTS[exc.errno]
+    return (exc.strerror or str(exc) or type(exc).__name__).lower()
+
+
+def location_fault(path: Path) -> str | None:
+    """Why nothing can be written at `path` (a file or a directory, existing or not) now: its
+    file system is read-only or has no space left; None when neither is (or it cannot tell)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        stat = os.statvfs(probe)
+    except OSError:
+        return None
+    if stat.f_flag & os.ST_RDONLY:
+        return _WRITE_FAULTS[errno.EROFS]
+    free = stat.f_bfree if os.geteuid() == 0 else stat.f_bavail  # root may use the reserved blocks
+    if free == 0:
+        return _WRITE_FAULTS[errno.ENOSPC]
+    return None
+
+
+@contextmanager
+def writing(path: Path | str, kept: str = ""):
+    """Turn an OSError of the block (which writes `path`) into one OutputWriteError naming
+    `path` and why; `kept` says what earlier output is still intact."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputWriteError(f"{path}: cannot write ({write_fault(exc)})" + (f"; {kept}" if kept else "")) from exc
 
 
 def _umask() -> int:
@@ -69,7 +117,19 @@ def atomic_file(path: Path, force: bool = False):
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary output; on a file system turned read-only half-way it stays (a
+    hidden name no reader lists) rather than hide the error that stopped the write."""
+    try:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 @contextmanager
@@ -91,5 +151,4 @@ def atomic_dir(path: Path, force: bool = False):
         else:
             os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)

@@ -18,6 +18,8 @@ from pathlib import Path
 from ray import tune
 from ray.train import UserCallback
 
+from data_pipeline.atomic import OutputWriteError, atomic_file, location_fault, writing
+
 from .config import ExperimentConfig
 from .layout import Layout
 from .results import ResultsStore, RunInfo, reported_results
@@ -26,7 +28,7 @@ from .shared_data import DATA_PRIVATE_MB
 
 class TrainResultsCallback(UserCallback):
     def __init__(self, run_dir: Path, run_id: str, cfg: ExperimentConfig):
-        self.layout = Layout(run_dir)
+        self.layout = Layout(run_dir).with_config(cfg)  # results in output.storage when set
         self.run = RunInfo.of(run_dir.name, run_id, cfg)
         self.started = time.time()
 
@@ -43,31 +45,65 @@ class TrainResultsCallback(UserCallback):
                 # Every rank's, to see that ranks on a node share one copy of the data.
                 DATA_PRIVATE_MB: [m.get(DATA_PRIVATE_MB) for m in metrics],
                 "losses": {k.split("/", 1)[1]: v for k, v in report.items() if k.startswith("loss/")}}
-        with self.layout.epoch_log.open("a") as fh:
+        with writing(self.layout.epoch_log), self.layout.epoch_log.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
 
 
 class TuneResultsCallback(tune.Callback):
     def __init__(self, exp_dir: Path, base: ExperimentConfig):
-        self.layout = Layout(exp_dir)
+        self.layout = Layout(exp_dir).with_config(base)  # results in output.storage when set
         self.base = base
         self.started = time.time()
+
+    def setup(self, **info):
+        self._settled = False  # each driver, the first after a crash included, settles once
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self._settled:
+            self._settled = True
+            self._forget_trials_not_in(trials)
+
+    def _forget_trials_not_in(self, trials) -> None:
+        """Rows and parameters of trials that Tune does not know: reported by a trial it started
+        after its last save of its state, before a crash. The resumed search starts that trial
+        anew under another id (search/strategy.py hands it the same Optuna trial)."""
+        known = {t.trial_id for t in trials}
+        ResultsStore(self.layout.results).remove_trials_except(known)
+        if self.layout.trial_params_dir.is_dir():
+            for params_file in self.layout.trial_params_dir.glob("*.json"):
+                if params_file.stem not in known:
+                    params_file.unlink()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "rows" not in result:
             return
         params_file = self.layout.trial_params(trial.trial_id)
         if not params_file.exists():
-            params_file.parent.mkdir(exist_ok=True)
-            params_file.write_text(json.dumps(trial.config, indent=2) + "\n")
+            # Whole or absent, should the driver be killed; a full or read-only disk stops the
+            # search (Tune ends it when a callback raises), with one line naming the file.
+            with writing(params_file), atomic_file(params_file) as tmp:
+                tmp.write_text(json.dumps(trial.config, indent=2) + "\n")
         run = RunInfo.of(self.layout.root.name, trial.trial_id, self.base.with_params(trial.config))
         ResultsStore(self.layout.results).append(run, int(result["epoch"]), reported_results(result),
                                                  time.time() - self.started)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        with self.layout.failures.open("a") as fh:
-            fh.write(json.dumps({"trial_id": trial.trial_id, "params": trial.config,
-                                 "reason": failure_reason(trial)}) + "\n")
+        reason = failure_reason(trial)
+        # A trial failing while the experiment's disk is full or read-only (its checkpoint
+        # could not be saved there): every next trial would fail alike, its results lost, so
+        # the search stops here with one line saying where and why.
+        state = self.layout.ray
+        fault = location_fault(state) if isinstance(state, Path) else None
+        try:
+            with writing(self.layout.failures), self.layout.failures.open("a") as fh:
+                fh.write(json.dumps({"trial_id": trial.trial_id, "params": trial.config, "reason": reason}) + "\n")
+        except OutputWriteError:
+            if fault is None:
+                raise
+        if fault is not None:
+            raise OutputWriteError(f"{trial.path or state}: cannot write ({fault}); trial {trial.trial_id} failed "
+                                   f"({reason or 'no reason recorded'}) and the search stops; the rows written "
+                                   f"before stay readable in {self.layout.results}")
 
 
 def failure_reason(trial) -> str:

@@ -226,7 +226,13 @@ def tune_cmd(
     cfg = None if resume is not None else load_config(config, set_)
     if cfg is not None:
         _refuse_unwritable_output(cfg)
-    outcome = run_experiment(cfg, resume_dir=resume, ray_address=address, verbose=verbose)
+    try:
+        outcome = run_experiment(cfg, resume_dir=resume, ray_address=address, verbose=verbose)
+    except Exception as exc:
+        fault = None if _our_error(exc) else _disk_fault(exc, Path(resume or cfg.output.dir).resolve())
+        if fault is None:
+            raise
+        raise fault from exc
     counts = ", ".join(f"{n} {state}" for state, n in outcome.trials.items() if n) or "none"
     console.print(f"trials: {counts}")
     if not outcome.any_completed:
@@ -235,6 +241,29 @@ def tune_cmd(
     _print_status(outcome.exp_dir)
     console.print(f"experiment: {outcome.exp_dir} (config.yaml, optuna.db, results/, ray/); "
                   f"next: msa-search export {outcome.exp_dir} --out {outcome.exp_dir}/best.yaml")
+
+
+def _disk_fault(exc: Exception, exp: Path) -> MsaSearchError | None:
+    """A search that failed inside Ray or Optuna, not in a write of ours, because the experiment's
+    disk filled up or turned read-only half-way (its study's database written by Optuna, Ray
+    Tune's own files): one line naming the file and why, or None when that was not the cause."""
+    from data_pipeline.atomic import OutputWriteError, location_fault
+
+    from .config import load_config
+    from .layout import Layout
+
+    layout = Layout(exp)
+    try:  # written before the search started; it names where the study and results live
+        layout = layout.with_config(load_config(layout.config))
+    except (MsaSearchError, OSError, ValueError):
+        pass
+    in_study = any(type(e).__module__.split(".")[0] in ("sqlalchemy", "optuna", "sqlite3") for e in _chain(exc))
+    target = layout.optuna_db if in_study and not layout.study_url else exp
+    why = location_fault(target)
+    if why is None:
+        return None
+    return OutputWriteError(f"{target}: cannot write ({why}); the search stopped, the rows written before stay "
+                            f"readable in {layout.results}")
 
 
 def _refuse_unwritable_output(cfg) -> None:
@@ -432,11 +461,28 @@ def main() -> None:
 
     try:
         app()
-    except (MsaSearchError, ValueError, FileNotFoundError, PermissionError) as exc:
-        if _state["debug"]:
+    except Exception as exc:
+        error = exc if isinstance(exc, (ValueError, FileNotFoundError, PermissionError)) else _our_error(exc)
+        if error is None or _state["debug"]:
             raise
-        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+        err_console.print(f"error: {error}", highlight=False, soft_wrap=True)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
+
+
+def _our_error(exc: BaseException) -> MsaSearchError | None:
+    """`exc` when it is ours, or the one of ours it was raised from or while handling: Ray
+    Tune re-raises what a callback raised (a results file that cannot be written) as a
+    TuneError that holds only the traceback's text."""
+    return next((e for e in _chain(exc) if isinstance(e, MsaSearchError)), None)
+
+
+def _chain(exc: BaseException | None):
+    """`exc`, then what it was raised from or while handling, and so on."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 if __name__ == "__main__":

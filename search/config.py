@@ -22,6 +22,7 @@ from models.registry import get_model
 from models.space import Dist
 
 from .objective import check_objective, default_objective_patterns, objective_mode
+from .storage import check_output_storage, check_study_url
 
 # Validation context of a config the driver checked already (a trial's, a worker's): its
 # search space is not resolved again.
@@ -128,6 +129,9 @@ class SearchConfig(BaseModel):
     nan_trial: int | None = None
     # Overrides of the model's registry search space, e.g. {"train.lr": {"loguniform": [1e-5, 1e-3]}}.
     space: dict[str, Any] = Field(default_factory=dict)
+    # The Optuna study's database, an SQLAlchemy URL without a password (search/storage.py);
+    # empty: SQLite in the experiment directory.
+    storage: str = ""
 
     @field_validator("objectives")
     @classmethod
@@ -143,6 +147,11 @@ class SearchConfig(BaseModel):
             raise ValueError("Ray shares a GPU only in fractions below 1; above 1 give a whole number of GPUs")
         return share
 
+    @field_validator("storage")
+    @classmethod
+    def _study_url(cls, url: str) -> str:
+        return check_study_url(url)
+
     @field_validator("objective_patterns")
     @classmethod
     def _patterns(cls, patterns: list[str] | None) -> list[str] | None:
@@ -157,9 +166,18 @@ class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dir: str = "runs/experiment"
+    # Shared storage for an experiment's results, Ray Tune state, checkpoints and nested Ray Train
+    # runs: <storage>/<experiment name> (a path, an NFS mount, s3://...; search/storage.py).
+    # Empty: the experiment directory, which is right on one machine.
+    storage: str = ""
     # Per-pattern gauges to Ray's metrics endpoint while a search runs (search/live_metrics.py);
     # off only to measure what publishing costs (bench/live_metrics_overhead.py).
     live_metrics: bool = True
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, location: str) -> str:
+        return check_output_storage(location)
 
 
 class ExperimentConfig(BaseModel):
@@ -318,6 +336,8 @@ def _describe(error: dict) -> str:
     message = error["msg"]
     if error["type"].startswith("value_error"):
         message = message.removeprefix("Value error, ")
+    if "(got " in message:  # the check showed the value itself (perhaps masked: a password)
+        return f"config key '{path}': {message}"
     return f"config key '{path}': {message} (got {got!r})"
 
 

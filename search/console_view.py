@@ -94,8 +94,12 @@ class SearchProgress:
         self.best = Best(trial_id, line.epoch, line.objective, weakest, f1.get(weakest, math.nan))
         return True
 
-    def ended(self, trial_id: str, *, error: str | None = None) -> TrialLine:
+    def ended(self, trial_id: str, *, error: str | None = None, last_epoch: int = -1) -> TrialLine:
+        """`last_epoch`: the last epoch Tune holds for the trial, which this view may not have seen:
+        a trial restored after a crash, whose last checkpoint was its last epoch, ends without
+        reporting again."""
         line = self.trials.setdefault(trial_id, TrialLine())
+        line.epoch = max(line.epoch, last_epoch)
         if error is not None:
             line.status, line.reason = "errored", error
         else:
@@ -113,9 +117,7 @@ class SearchProgress:
             if status in ("pending", "paused"):
                 line.status = status
             elif status == "terminated":
-                # Its last epoch may be newer than the snapshot this view was restored from.
-                line.epoch = max(line.epoch, int((getattr(t, "last_result", None) or {}).get("epoch", -1)))
-                self.ended(t.trial_id)
+                self.ended(t.trial_id, last_epoch=_last_epoch(t))
             elif status == "error":
                 self.ended(t.trial_id, error=line.reason or "see the log")
 
@@ -179,6 +181,10 @@ class SearchProgress:
         if self.ray_warnings:
             parts.append(Text(f"Ray: {self.ray_warnings} warnings/errors in {self.log_path}", style="dim"))
         return Group(*parts)
+
+
+def _last_epoch(trial) -> int:
+    return int((getattr(trial, "last_result", None) or {}).get("epoch", -1))
 
 
 def _duration(seconds: float) -> str:
@@ -273,7 +279,7 @@ class ConsoleView(tune.Callback):
                                     f"{self.progress.objective} {objective:.4f}" + (" (new best)" if best else ""))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        line = self.progress.ended(trial.trial_id)
+        line = self.progress.ended(trial.trial_id, last_epoch=_last_epoch(trial))
         self._event(trial.trial_id, line.status + (f" after {line.epoch + 1} epochs" if line.epoch >= 0 else ""))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

@@ -25,6 +25,7 @@ from .devices import place, visible_gpus
 from .ray_setup import cluster_of, ensure_ray, torch_trainer
 from .run import check_new_run_dir, new_run_dir
 from .shared_data import share_splits
+from .storage import check_location
 from .weights import init_weights, read_checkpoint
 
 
@@ -58,8 +59,11 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
         layout = Layout(Path(cfg.output.dir).resolve())
     if cfg.train.workers < 1:
         raise MsaSearchError("train.workers must be >= 1 for a distributed run")
+    layout = layout.with_config(cfg)  # Ray Train's checkpoints and the results in output.storage when set
     if resume_dir is None:
         check_new_run_dir(layout.root)
+    if layout.storage:
+        check_location(layout.storage, new=resume_dir is None, resume_hint=f"msa-search train --resume {layout.root}")
     saved = read_checkpoint(init_from) if init_from is not None else None
     # Decided before anything is written: a refusal leaves no half-made run directory.
     placement = place(cfg, cluster_of(ray_address), visible_gpus())
@@ -76,7 +80,7 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
     if hint:
         console.print(hint, highlight=False)
     run_id = layout.root.name
-    trainer = torch_trainer(cfg, data=share_splits(store), name="train", storage_path=layout.checkpoints,
+    trainer = torch_trainer(cfg, data=share_splits(store), name="train", storage_path=layout.ray_train_storage,
                             checkpoint_key=hashlib.blake2b(str(layout.root).encode(), digest_size=6).hexdigest(),
                             callbacks=[TrainResultsCallback(layout.root, run_id, cfg)],
                             init_weights=None if init is None else ray.put(init))

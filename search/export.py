@@ -39,7 +39,9 @@ def load_experiment(exp_dir: str | Path) -> tuple[Layout, ExperimentConfig, pd.D
             raise MsaSearchError(f"{layout.root}: a seed group, not one run; name one of its runs "
                                  f"({', '.join(runs) or 'none yet'}), or use report --protocol paper on the group")
         raise MsaSearchError(f"{layout.root}: not an experiment directory (no {layout.config.name})")
-    return layout, load_config(layout.config, stored=True), ResultsStore(layout.results).read()
+    cfg = load_config(layout.config, stored=True)
+    layout = layout.with_config(cfg)  # the results (and study) in output.storage / search.storage when set
+    return layout, cfg, ResultsStore(layout.results).read()
 
 
 def stored_pattern_metrics(rows: pd.DataFrame) -> PatternMetrics:
@@ -94,7 +96,7 @@ def trial_states(layout: Layout, study=None) -> dict[str, int]:
     """Trials by state, as the Optuna study records them (`study`: one loaded already),
     plus failures recorded by the driver."""
     counts: dict[str, int] = {}
-    if study is None and layout.optuna_db.is_file():
+    if study is None and layout.has_study:
         study = load_study(layout)
     if study is not None:
         for t in study.trials:

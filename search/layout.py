@@ -5,16 +5,36 @@ The one place these names are spelled: the Tune driver, the trials, `train`, `st
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from .storage import experiment_storage, join, shown
 
 
 @dataclass(frozen=True)
 class Layout:
     """Paths inside one run (`msa-search train`), seed group (`train --seeds`) or experiment
-    (`msa-search tune`) directory."""
+    (`msa-search tune`) directory.
+
+    `storage` (from `output.storage`, search/storage.py): where the results store, Ray's state
+    and checkpoints of an experiment live instead, a path or URI (`with_config` sets it);
+    `study_url` (from `search.storage`): the Optuna study's database instead of `optuna.db`."""
 
     root: Path
+    storage: str = ""
+    study_url: str = ""
+
+    def with_config(self, cfg) -> "Layout":
+        """This layout with the storage the config (an ExperimentConfig) names."""
+        return replace(self, storage=experiment_storage(cfg.output.storage, self.root),
+                       study_url=cfg.search.storage)
+
+    def _stored(self, name: str) -> Path | str:
+        """`name` in the experiment's storage: a Path when local, a URI string otherwise."""
+        if not self.storage:
+            return self.root / name
+        location = join(self.storage, name)
+        return location if "://" in location else Path(location)
 
     # --- shared by runs and experiments ---
     @property
@@ -22,8 +42,8 @@ class Layout:
         return self.root / "config.yaml"
 
     @property
-    def results(self) -> Path:  # the Parquet results store
-        return self.root / "results"
+    def results(self) -> Path | str:  # the Parquet results store (in output.storage when set)
+        return self._stored("results")
 
     @property
     def data(self) -> Path:  # the Parquet dataset (synthesized or converted once)
@@ -48,25 +68,37 @@ class Layout:
 
     @property
     def optuna_storage(self) -> str:  # an SQLAlchemy URL, as Optuna's RDBStorage takes it
-        return f"sqlite:///{self.optuna_db.resolve()}"
+        return self.study_url or f"sqlite:///{self.optuna_db.resolve()}"
+
+    @property
+    def has_study(self) -> bool:  # an experiment's: a `train` run has none
+        return bool(self.study_url) or self.optuna_db.is_file()
+
+    @property
+    def study_location(self) -> str:  # the study's database, as messages name it
+        return shown(self.study_url) if self.study_url else str(self.optuna_db)
 
     @property
     def study_name(self) -> str:
         return f"msa-search-{self.root.name}"
 
     @property
-    def ray(self) -> Path:  # Ray Tune's storage_path
-        return self.root / "ray"
+    def ray(self) -> Path | str:  # Ray Tune's storage_path (in output.storage when set)
+        return self._stored("ray")
 
     TUNE_NAME = "tune"  # Ray Tune's experiment name: its state lives in ray/tune/
 
     @property
-    def tune_state(self) -> Path:  # what Tuner.restore reads
-        return self.ray / self.TUNE_NAME
+    def tune_state(self) -> Path | str:  # what Tuner.restore reads
+        return join(self.ray, self.TUNE_NAME) if isinstance(self.ray, str) else self.ray / self.TUNE_NAME
 
     @property
     def space(self) -> Path:  # the resolved search space
         return self.root / "space.json"
+
+    @property
+    def is_experiment(self) -> bool:  # `msa-search tune` made it (a `train` run has neither file)
+        return self.space.is_file() or self.optuna_db.is_file()
 
     @property
     def failures(self) -> Path:  # one JSON line per failed trial
@@ -95,8 +127,12 @@ class Layout:
         return self.logs / "ray.log"
 
     @property
-    def nested_trials(self) -> Path:  # storage of the Ray Train runs that trials nest
-        return self.root / "trials"
+    def nested_trials(self) -> Path | str:  # storage of the Ray Train runs that trials nest
+        return self._stored("trials")
+
+    @property
+    def ray_train_storage(self) -> Path | str:  # `train.workers >= 1`: Ray Train's storage_path
+        return self.checkpoints if not self.storage else self._stored("checkpoints")
 
     @property
     def trial_starts(self) -> Path:  # the order in which trials started (search.nan_trial)

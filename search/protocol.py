@@ -222,7 +222,7 @@ def load_runs(path: str | Path, top: int | None = None) -> tuple[str, list[RunRo
     root = Path(path)
     layout = Layout(root)
     group = read_group(root)
-    if top is not None and (group is not None or not layout.optuna_db.is_file()):
+    if top is not None and (group is not None or not layout.is_experiment):
         raise ConfigError("--top picks an experiment's best trials; "
                           f"{root} is a {'seed group' if group is not None else 'training run'}")
     if group is not None:
@@ -236,8 +236,10 @@ def load_runs(path: str | Path, top: int | None = None) -> tuple[str, list[RunRo
     elif not layout.config.is_file():
         raise ConfigError(f"{root}: not a run, seed group or experiment directory (no {layout.config.name} "
                           f"or {layout.seed_group.name})")
-    elif layout.optuna_db.is_file():
-        cfg, df = load_config(layout.config, stored=True), ResultsStore(layout.results).read()
+    elif layout.is_experiment:
+        cfg = load_config(layout.config, stored=True)
+        layout = layout.with_config(cfg)
+        df = ResultsStore(layout.results).read()
         if df.empty:
             raise ConfigError(f"{root}: no results yet (nothing in {layout.results})")
         try:
@@ -261,7 +263,8 @@ def _run_rows(run_dir: Path, entry: str) -> list[RunRows]:
     layout = Layout(run_dir)
     if not layout.config.is_file():
         return []
-    cfg, df = load_config(layout.config, stored=True), ResultsStore(layout.results).read()
+    cfg = load_config(layout.config, stored=True)
+    df = ResultsStore(layout.with_config(cfg).results).read()
     return [RunRows(entry, run_dir.name if df.trial_id.nunique() == 1 else str(trial_id), cfg, rows)
             for trial_id, rows in df.groupby("trial_id", sort=True)]
 

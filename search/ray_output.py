@@ -9,6 +9,7 @@ goes to EXP/logs/ray.log instead, and the view shows how many warnings and error
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import sys
 from collections import Counter
@@ -44,19 +45,44 @@ def ray_output_to(log_path: Path, *, verbose: bool = False) -> Iterator[Counter]
     loggers = _library_loggers()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
-    with open(log_path, "a", buffering=1, encoding="utf-8") as fh:
-        to_file = logging.StreamHandler(fh)
-        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        saved = {logger: list(logger.handlers) for logger in loggers}
+    fh = _LogFile(open(log_path, "a", buffering=1, encoding="utf-8"))
+    to_file = logging.StreamHandler(fh)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = {logger: list(logger.handlers) for logger in loggers}
+    for logger, handlers in saved.items():
+        kept = handlers if verbose else [h for h in handlers if not _to_console(h)]
+        logger.handlers = [*kept, to_file, _Count(counts)]
+    try:
+        with contextlib.redirect_stdout(sys.stdout if verbose else fh):
+            yield counts
+    finally:
         for logger, handlers in saved.items():
-            kept = handlers if verbose else [h for h in handlers if not _to_console(h)]
-            logger.handlers = [*kept, to_file, _Count(counts)]
-        try:
-            with contextlib.redirect_stdout(sys.stdout if verbose else fh):
-                yield counts
-        finally:
-            for logger, handlers in saved.items():
-                logger.handlers = handlers
+            logger.handlers = handlers
+        fh.close()
+
+
+class _LogFile(io.TextIOBase):
+    """The log file, written on a best-effort basis: when the disk fills up or turns read-only
+    half-way, Ray's tables and messages are dropped instead of failing the search from inside
+    Ray (an OSError without a path, or logging's traceback per record on the console). The
+    search's own writes (results, checkpoints, study) fail with one line naming their file."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def write(self, text: str) -> int:
+        with contextlib.suppress(OSError):
+            self.fh.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: closed
+            self.fh.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        super().close()
 
 
 def _to_console(handler: logging.Handler) -> bool:

@@ -34,6 +34,7 @@ def ensure_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=False)
     else:
         # Token auth is on: Ray 2.60's default for a new local cluster, which also writes the
@@ -43,6 +44,25 @@ def ensure_ray(address: str | None) -> None:
         # checks that it refuses a request without the token. What listens where: README, "Cluster".
         ray.init(address="local", log_to_driver=False, dashboard_host="127.0.0.1",
                  _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A GCS address (host:port) that nothing answers on is one line now: `ray.init` would retry
+    it for about 13 minutes before it gave up (measured, Ray 2.60). Other forms (auto, ray://,
+    a dashboard URL) are left to Ray."""
+    import socket
+
+    from data_pipeline.errors import MsaSearchError
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise MsaSearchError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start "
+                             "one (`ray up`, `ray start --head`) or leave --address and RAY_ADDRESS unset for a "
+                             "private local cluster") from None
 
 
 def cluster_of(address: str | None) -> Cluster:
@@ -57,7 +77,7 @@ def cluster_of(address: str | None) -> Cluster:
     return Cluster(float(visible_gpus()), joined=False)
 
 
-def torch_trainer(cfg: ExperimentConfig, *, data: SharedSplits, checkpoint_key: str, storage_path: Path, name: str,
+def torch_trainer(cfg: ExperimentConfig, *, data: SharedSplits, checkpoint_key: str, storage_path: Path | str, name: str,
                   callbacks: list, init_weights=None):
     """A TorchTrainer of `train.workers` workers running search/worker.py on the shared splits `data`.
 

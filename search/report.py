@@ -262,7 +262,7 @@ def _section_html(section: Section, inputs: ReportInputs) -> str:
 def _header_html(inputs: ReportInputs) -> str:
     cfg, best = inputs.cfg, inputs.best
     layout = inputs.layout
-    kind = "search (msa-search tune)" if layout.optuna_db.is_file() else "training run (msa-search train)"
+    kind = "search (msa-search tune)" if layout.is_experiment else "training run (msa-search train)"
     states = ", ".join(f"{n} {state}" for state, n in sorted(inputs.states.items()))
     epochs = inputs.results.groupby("trial_id").epoch.max() + 1
     facts = [

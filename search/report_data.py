@@ -73,13 +73,13 @@ def load_inputs(exp_dir: str | Path, metric: str = "f1_non0") -> ReportInputs:
 def _load_study(layout: Layout) -> tuple["optuna.Study | None", str]:
     """The search's study, or None and why not. The study is named after the directory, so
     a renamed experiment falls back to the only study its database holds."""
-    if not layout.optuna_db.is_file():
+    if not layout.has_study:
         return None, f"no Optuna study (no {layout.optuna_db.name}): a `msa-search train` run has none"
     with quiet_optuna():
         names = study_names(layout)
         name = layout.study_name if layout.study_name in names else (names[0] if len(names) == 1 else None)
         if name is None:
-            return None, f"{layout.optuna_db} holds no study named {layout.study_name}"
+            return None, f"{layout.study_location} holds no study named {layout.study_name}"
         return load_study(layout, name), ""
 
 

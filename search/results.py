@@ -19,12 +19,14 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
-from data_pipeline.atomic import atomic_file
+from data_pipeline.atomic import atomic_file, writing
 from data_pipeline.missing import MODALITY_LETTERS, parse_pattern
 
 from .config import ExperimentConfig, SearchConfig
 from .objective import OBJECTIVE, PatternMetrics, objective_value
+from .storage import filesystem
 
 KEY_COLUMNS = ("trial_id", "epoch", "split", "pattern")
 
@@ -102,28 +104,66 @@ def result_rows(run: RunInfo, epoch: int, results: EpochResults, wall_time_s: fl
             for split, by_pattern in results.items() for pattern, metrics in by_pattern.items()]
 
 
+_PART = re.compile(r"part-(.+)-epoch\d+\.parquet")  # one (trial, epoch): ResultsStore._part_name
+
+
+def _safe(trial_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", trial_id)
+
+
 class ResultsStore:
+    """`root`: a local directory, or a URI of `output.storage` (search/storage.py)."""
+
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = root
+        self.fs, self.path = filesystem(root)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
-    def _part(self, trial_id: str, epoch: int) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", trial_id)
-        return self.root / f"part-{safe}-epoch{epoch:05d}.parquet"
+    @staticmethod
+    def _part_name(trial_id: str, epoch: int) -> str:
+        return f"part-{_safe(trial_id)}-epoch{epoch:05d}.parquet"
 
-    def append(self, run: RunInfo, epoch: int, results: EpochResults, wall_time_s: float) -> Path:
+    def append(self, run: RunInfo, epoch: int, results: EpochResults, wall_time_s: float) -> Path | str:
         """Write all rows of one (trial, epoch); replaces that epoch's part if it exists."""
         rows = result_rows(run, epoch, results, wall_time_s)
         if not rows:
             raise ValueError(f"trial {run.trial_id} epoch {epoch}: no results to write")
-        path = self._part(run.trial_id, epoch)
-        with atomic_file(path, force=True) as tmp:
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        table = pa.Table.from_pylist(rows)
+        name = self._part_name(run.trial_id, epoch)
+        if self.local:
+            path = Path(self.path) / name
+            # A full or read-only disk half-way: the parts written before stay whole (atomic),
+            # and the file is closed at once (by path, pyarrow's writer keeps it open as long as
+            # the error lives, holding the space of the removed temporary).
+            with writing(path, kept=f"the rows written before stay readable in {self.path}"), \
+                    atomic_file(path, force=True) as tmp, open(tmp, "wb") as fh:
+                pq.write_table(table, fh)
+            return path
+        # An object store shows an object whole or not at all (it appears when its upload
+        # completes), so a part is written in place; a rename there would be a copy.
+        self.fs.create_dir(self.path, recursive=True)
+        path = f"{self.path.rstrip('/')}/{name}"
+        pq.write_table(table, path, filesystem=self.fs)
         return path
 
+    def _parts(self) -> list:
+        listing = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return [info for info in listing if info.type == pafs.FileType.File and _PART.fullmatch(info.base_name)]
+
+    def remove_trials_except(self, trial_ids) -> int:
+        """Remove the rows of every trial not in `trial_ids`; returns how many parts went. A
+        resumed search calls it with the trials Tune restored: one that reported after Tune's
+        last save of its state is not among them, and is started anew under another id."""
+        keep = {_safe(t) for t in trial_ids}
+        gone = [info.path for info in self._parts() if _PART.fullmatch(info.base_name)[1] not in keep]
+        for path in gone:
+            self.fs.delete_file(path)
+        return len(gone)
+
     def read(self) -> pd.DataFrame:
-        parts = sorted(self.root.glob("part-*.parquet"))
+        parts = sorted(info.path for info in self._parts())
         if not parts:
             return pd.DataFrame(columns=list(KEY_COLUMNS))
         # Parts of different models carry different hyperparameter columns: unify schemas.
-        table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+        table = pa.concat_tables([pq.read_table(p, filesystem=self.fs) for p in parts], promote_options="default")
         return table.to_pandas()

@@ -21,6 +21,7 @@ from data_pipeline.source import prepare_store
 from .config import ExperimentConfig
 from .layout import Layout
 from .results import EpochReport, ResultsStore, RunInfo
+from .storage import check_location
 from .devices import in_process_device
 from .trainer import TrainState, build_state, checkpoint_due, fit, save_state
 from .weights import init_weights, read_checkpoint
@@ -55,8 +56,12 @@ def new_run_dir(out: Path) -> Iterator[None]:
 def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_progress: bool = True,
                      console: Console | None = None, init_from: Path | None = None) -> tuple[TrainState, Path]:
     """`init_from`: a checkpoint (ours or a reference code's) whose weights the run starts from."""
-    layout = Layout(Path(cfg.output.dir))
+    # The results in output.storage when set; last.pt stays in output.dir (an in-process run has
+    # no --resume: its checkpoint serves `evaluate` and `--init-from` on this machine).
+    layout = Layout(Path(cfg.output.dir)).with_config(cfg)
     saved = read_checkpoint(init_from) if init_from is not None else None  # before anything is written
+    if layout.storage:
+        check_location(layout.storage, new=True)
     console = console or Console(stderr=True, markup=False)
     with new_run_dir(layout.root):  # undone if the run cannot start
         layout.config.write_text(cfg.to_yaml())

@@ -2,6 +2,9 @@
 scheduler (ASHA, PBT or none) and the trial-epoch budget."""
 from __future__ import annotations
 
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
 from models.space import Dist
 
 from .config import ExperimentConfig
@@ -12,10 +15,9 @@ from .study import storage as study_storage
 
 
 def searcher(cfg: ExperimentConfig, layout: Layout):
-    """OptunaSearch over the study in `layout.optuna_db`, at most `search.max_concurrent` trials at once."""
+    """OptunaSearch over the experiment's study (`layout.optuna_storage`), at most `search.max_concurrent` trials at once."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                 "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}
@@ -26,8 +28,61 @@ def searcher(cfg: ExperimentConfig, layout: Layout):
         mode = [objective_mode(name) for name in cfg.search.objectives]
     else:
         metric, mode = OBJECTIVE, cfg.search.mode
-    search = OptunaSearch(sampler=sampler, storage=storage, study_name=layout.study_name, metric=metric, mode=mode)
+    search = StudySearch(sampler=sampler, storage=storage, study_name=layout.study_name, metric=metric, mode=mode)
     return ConcurrencyLimiter(search, max_concurrent=cfg.search.max_concurrent)
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch whose study keeps one trial per Tune trial through driver crashes.
+
+    The study's database is written at once (ask, report, tell), while Tune saves which of its
+    trials is which Optuna trial with the rest of its state only now and then (every ~10 s, and
+    when a trial checkpoints). A driver killed in between leaves Optuna trials asked for Tune
+    trials that the resumed search does not know: Tune starts them anew under new ids, whose
+    `suggest` would ask new Optuna trials while the old ones stayed RUNNING for ever, the study
+    counting more trials than Tune ran. Here the trials Tune starts take those over first, with
+    the parameters they were sampled with. (A trial Tune saw end after its last save runs again
+    from its last checkpoint; its Optuna trial ended already and keeps what it was told.)"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._unclaimed: list[int] | None = None  # found at the first suggest of this driver
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._unclaimed = None  # what a previous driver saved is stale: look again
+
+    def suggest(self, trial_id: str):
+        if trial_id not in self._ot_trials and self._space and not callable(self._space):
+            if self._unclaimed is None:
+                self._unclaimed = self._running_unclaimed()
+            if self._unclaimed:
+                self._ot_trials[trial_id] = self._claim(self._unclaimed.pop(0))
+        return super().suggest(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and ot_trial.storage.get_trial(ot_trial._trial_id).state.is_finished():
+            # Told before a crash, then run again from its last checkpoint: it ends as it did.
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _running_unclaimed(self) -> list[int]:
+        """The study's RUNNING trials that no Tune trial of this search holds (storage ids, oldest first)."""
+        held = {t._trial_id for t in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return [t._trial_id for t in running if t._trial_id not in held]
+
+    def _claim(self, storage_id: int):
+        import optuna
+
+        trial = optuna.Trial(self._ot_study, storage_id)
+        for name, distribution in self._space.items():
+            # As Study.ask(fixed_distributions) does: a parameter already sampled is kept, one
+            # the killed driver had not stored yet is sampled now.
+            trial._suggest(name, distribution)
+        return trial
 
 
 def scheduler(cfg: ExperimentConfig, space: dict[str, Dist]):

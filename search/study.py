@@ -18,7 +18,7 @@ def _unreadable(layout: Layout, exc: Exception) -> StudyUnreadableError:
         why = "is locked by another process (a `tune` still running on it?); try again when it ends"
     else:
         why = f"cannot be read as an Optuna study ({reason}); restore it from a backup, or start a new search"
-    return StudyUnreadableError(f"{layout.optuna_db}: the Optuna database {why}. The results in "
+    return StudyUnreadableError(f"{layout.study_location}: the Optuna database {why}. The results in "
                                 f"{layout.results} do not depend on it and stay readable")
 
 
@@ -54,3 +54,11 @@ def load_study(layout: Layout, name: str | None = None):
         return study
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise _unreadable(layout, exc) from None
+
+
+def asked_trials(layout: Layout) -> int:
+    """How many trials the experiment's study holds: 0 before its searcher made it (a driver
+    killed early), StudyUnreadableError when its database is locked or corrupt."""
+    if not layout.has_study or layout.study_name not in study_names(layout):
+        return 0
+    return len(load_study(layout).trials)

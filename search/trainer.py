@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_pipeline.atomic import atomic_file, writing
 from data_pipeline.errors import MsaSearchError
 from data_pipeline.loader import SplitTensors, batch_rows, make_batch, stage_splits
 from models.entry import ModelEntry
@@ -90,11 +91,33 @@ def build_state(cfg: ExperimentConfig, train: SplitTensors, device: torch.device
 
 
 def save_state(state: TrainState, path: Path) -> None:
-    """Model, optimizer, scheduler and the next epoch to run, written atomically."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"epoch": state.epoch, "model": unwrap(state.model).state_dict(),
-                "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()}, tmp)
-    tmp.replace(path)
+    """Model, optimizer, scheduler and the next epoch to run, written atomically (a full or
+    read-only disk half-way: the previous checkpoint stays, and the error names the file)."""
+    # Through a Python file: torch.save to a path turns a failed write into a RuntimeError
+    # without its errno ("unexpected pos ..."); this way it is the OSError.
+    with writing(path, kept="any previous checkpoint there is kept"), atomic_file(path, force=True) as tmp, \
+            open(tmp, "wb") as fh:
+        torch.save({"epoch": state.epoch, "model": unwrap(state.model).state_dict(),
+                    "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                    "rng": _rng_state(state)}, fh)
+
+
+def _rng_state(state: TrainState) -> dict:
+    """The generators training draws from (dropout: torch's, on the CPU or the run's GPU), so a
+    restored run continues as if it never stopped."""
+    device = next(unwrap(state.model).parameters()).device
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(saved: dict | None, device: torch.device) -> None:
+    if saved is None:  # a checkpoint from before the generators were saved
+        return
+    torch.set_rng_state(saved["torch"].cpu())
+    np.random.set_state(saved["numpy"])
+    random.setstate(saved["python"])
+    if saved["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda"].cpu(), device)
 
 
 def load_state(state: TrainState, path: Path, device: torch.device) -> None:
@@ -105,6 +128,7 @@ def load_state(state: TrainState, path: Path, device: torch.device) -> None:
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     state.epoch = int(saved["epoch"])
+    _set_rng_state(saved.get("rng"), device)
 
 
 def checkpoint_due(state: TrainState, cfg: ExperimentConfig) -> bool:

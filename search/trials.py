@@ -84,5 +84,5 @@ def distributed_trial(params: dict, base: dict, data: SharedSplits) -> None:
     cfg = trial_config(params, base)
     trial_id = tune.get_context().get_trial_id()
     torch_trainer(cfg, data=data, checkpoint_key=trial_id, name=trial_id,
-                  storage_path=Layout(Path(cfg.output.dir)).nested_trials,
+                  storage_path=Layout(Path(cfg.output.dir)).with_config(cfg).nested_trials,
                   callbacks=[TuneReportCallback()]).fit()

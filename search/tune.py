@@ -27,7 +27,8 @@ from .run import new_run_dir
 from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
 from .strategy import scheduler, searcher, trial_epoch_budget
-from .study import load_study
+from .storage import check_location, exists, probe_study
+from .study import asked_trials, study_names
 from .trials import distributed_trial, in_process_trial
 
 
@@ -87,7 +88,10 @@ def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, *, res
     from .console_view import ConsoleView
     from .live_metrics import LiveMetricsCallback
 
-    if resume:
+    # A driver killed before it made the Tuner (while Ray started, say) left nothing to restore:
+    # the search starts over, on the same study. (Killed after, before Tune first saved its
+    # state, Tune itself starts over from the restored Tuner.)
+    if resume and tune.Tuner.can_restore(str(layout.tune_state)):
         # Ray keeps the run config, our callbacks included, in the experiment's state.
         return tune.Tuner.restore(str(layout.tune_state), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False, param_space=tune_domains(space))
@@ -120,27 +124,45 @@ def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, *, res
 
 
 def _new_experiment(cfg: ExperimentConfig) -> Layout:
-    layout = Layout(Path(cfg.output.dir).resolve())
+    layout = Layout(Path(cfg.output.dir).resolve()).with_config(cfg)
     if layout.root.exists() and any(layout.root.iterdir()):
         raise MsaSearchError(f"{layout.root}: experiment directory exists; choose a new output.dir, or continue "
                              f"it with: msa-search tune --resume {layout.root}")
+    _check_storage(layout, new=True)
     return layout
+
+
+def _check_storage(layout: Layout, *, new: bool) -> None:
+    """Shared storage and the study's database reachable, and (for a new experiment) not
+    holding another experiment of the same name: before Ray starts, before anything is written."""
+    if layout.storage:
+        check_location(layout.storage, new=new, resume_hint=f"msa-search tune --resume {layout.root}")
+    if layout.study_url:
+        probe_study(layout.study_url)
+        if new and layout.study_name in study_names(layout):
+            raise MsaSearchError(f"search.storage: {layout.study_location} holds a study '{layout.study_name}' "
+                                 f"already; choose another output.dir name, or continue that experiment with: "
+                                 f"msa-search tune --resume {layout.root}")
 
 
 def _experiment_to_resume(exp_dir: Path) -> tuple[Layout, ExperimentConfig]:
     layout = Layout(exp_dir)
-    if not layout.config.is_file() or not layout.tune_state.is_dir():
-        raise MsaSearchError(f"{exp_dir}: not an experiment to resume (no {layout.config.name} or "
-                             f"{layout.tune_state.relative_to(exp_dir)}/)")
+    if not layout.config.is_file():
+        raise MsaSearchError(f"{exp_dir}: not an experiment to resume (no {layout.config.name})")
     cfg = load_config(layout.config)
+    layout = layout.with_config(cfg)
+    _check_storage(layout, new=False)
     recorded = Path(cfg.output.dir)
     if recorded.is_absolute() and recorded != exp_dir:
         # Ray's saved state (trials, callbacks) points at the old place: resuming here would
         # write part of the results there.
         raise MsaSearchError(f"{exp_dir}: this experiment was started in {recorded}; resume it there "
                              "(move the directory back)")
-    if layout.optuna_db.is_file():
-        load_study(layout)  # a locked or corrupt study is refused here, before Ray starts
+    asked = asked_trials(layout)  # a locked or corrupt study is refused here, before Ray starts
+    # No Tune state and no trial asked: the driver was killed before it made the Tuner, and the
+    # search starts over (_tuner). Trials asked without Tune's state: it is not where it should be.
+    if not exists(layout.tune_state) and (asked or not layout.is_experiment):
+        raise MsaSearchError(f"{exp_dir}: not an experiment to resume (no Ray Tune state in {layout.tune_state})")
     return layout, cfg
 
 

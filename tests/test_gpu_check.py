@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_on_cpu_runs_every_section_and_writes_figures_and_log(
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out), "--cpu"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
     log = (out / "log.txt").read_text()

@@ -17,7 +17,7 @@ SCRIPTS = sorted(CLUSTER.glob("*.sh"))
 
 
 def test_the_cluster_has_its_scripts():
-    assert {p.name for p in SCRIPTS} == {"install.sh", "head_setup.sh", "head_services.sh"}
+    assert {p.name for p in SCRIPTS} == {"install.sh", "head_setup.sh", "head_services.sh", "gpu_sharing.sh"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -66,3 +66,24 @@ def test_a_node_without_its_secret_stops_with_one_clear_line(tmp_path, script, s
     assert proc.returncode == 1
     assert secret in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / ".bashrc").exists() and not (tmp_path / ".msa-search").exists()
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster.local.yaml"])
+def test_gpu_workers_start_mps_before_ray(name):
+    """Trials sharing a GPU are separate processes: MPS must be up before Ray starts them."""
+    import yaml
+
+    commands = yaml.safe_load((ROOT / name).read_text())["worker_start_ray_commands"]
+    mps = next(i for i, cmd in enumerate(commands) if "cluster/gpu_sharing.sh" in cmd)
+    start = next(i for i, cmd in enumerate(commands) if "ray start" in cmd)
+    assert mps < start
+
+
+@pytest.mark.parametrize("env, line", [({}, "no NVIDIA GPU on this node"),
+                                       ({"MSA_SEARCH_MPS": "0"}, "MPS left off (MSA_SEARCH_MPS=0)")])
+def test_gpu_sharing_leaves_a_node_without_gpu_or_opted_out_alone(tmp_path, env, line):
+    """Here there is no GPU (nor nvidia-smi on PATH): the worker still starts Ray."""
+    path = ":".join(p for p in os.environ["PATH"].split(":") if not (Path(p) / "nvidia-smi").exists())
+    proc = subprocess.run(["bash", str(CLUSTER / "gpu_sharing.sh")], capture_output=True, text=True, timeout=30,
+                          env={"PATH": path, "HOME": str(tmp_path), **env})
+    assert proc.returncode == 0 and line in proc.stdout, proc.stdout + proc.stderr

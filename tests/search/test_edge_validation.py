@@ -83,3 +83,20 @@ def test_gpu_settings_this_machine_cannot_run_are_refused_before_ray_starts(run_
                         "--set", "train.device=cuda", "--set", "output.dir=run")
     assert code == 2 and "config key 'train.device': cuda" in err, err
     assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
+def test_an_address_where_no_cluster_answers_is_one_line_not_a_long_hang(run_cli, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    code, err = run_cli("tune", "--config", str(ROOT / "configs" / "quick.yaml"), "--address", f"127.0.0.1:{port}",
+                        "--set", f"output.dir={tmp_path / 'exp'}")
+    assert code == 1 and time.monotonic() - started < 30
+    assert err.strip().splitlines() == [f"error: --address 127.0.0.1:{port}: no Ray cluster answers there "
+                                        "(Connection refused); start one (`ray up`, `ray start --head`) or leave "
+                                        "--address and RAY_ADDRESS unset for a private local cluster"]
+    assert not (tmp_path / "exp").exists()

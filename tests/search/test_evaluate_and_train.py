@@ -142,3 +142,35 @@ def test_non_finite_loss_raises_training_diverged(aligned_splits):
         next(state.model.parameters()).fill_(float("nan"))
     with pytest.raises(TrainingDiverged, match="loss is nan at epoch 0 step 0"):
         train_epoch(state, cfg, aligned_splits["train"], torch.device("cpu"))
+
+
+def test_a_run_resumed_from_its_checkpoint_trains_as_if_it_never_stopped(aligned_splits, tmp_path):
+    """Dropout draws from torch's generator: its state travels in the checkpoint, so a trial Tune
+    restores after a crash (or a run resumed with --resume) trains the weights and reaches the
+    numbers of a run that never stopped (before, a restored trial's numbers differed)."""
+    from search.trainer import load_state, save_state
+
+    cfg = ExperimentConfig.model_validate({
+        "model": {**SMALL_MODEL, "dropout": 0.2},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 2e-3, "device": "cpu"}})
+    cpu = torch.device("cpu")
+    straight = fit(cfg, aligned_splits, device=cpu)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first_epoch(state, report):
+        save_state(state, tmp_path / "state.pt")
+        raise Crash
+
+    with pytest.raises(Crash):
+        fit(cfg, aligned_splits, device=cpu, on_epoch=crash_after_first_epoch)
+    torch.rand(7)  # whatever the process drew in between
+    restored = build_state(cfg, aligned_splits["train"], cpu)
+    load_state(restored, tmp_path / "state.pt", cpu)
+    assert restored.epoch == 1
+    resumed = fit(cfg, aligned_splits, device=cpu, state=restored)
+    assert resumed.history[-1].losses == straight.history[-1].losses
+    assert resumed.history[-1].results == straight.history[-1].results
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -21,23 +21,11 @@ from data_pipeline.loader import SplitTensors, load_splits
 from data_pipeline.presets import MODALITIES
 from data_pipeline.store import write_store
 from data_pipeline.synth import synthesize
-from search.ray_setup import LOCAL_RAY_SYSTEM_CONFIG
 from search.shared_data import SharedSplits, share_splits
 
 pytestmark = pytest.mark.integration
 
 MB = 1e6
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:  # address="local": a fresh cluster of our own, never one that happens to run here
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,16 @@ def experiment(tmp_path) -> Layout:
                "mae": 1.0, "corr": 0.3}
     results = {split: {p: dict(metrics) for p in cfg.missing.eval_grid} for split in ("valid", "test")}
     ResultsStore(layout.results).append(RunInfo.of(layout.root.name, "t0", cfg), 0, results, 1.0)
+    verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(study_name=layout.study_name, storage=layout.optuna_storage, direction="maximize")
-    study.enqueue_trial({})
-    study.optimize(lambda trial: 0.5, n_trials=1)
-    del study
+    try:
+        study = optuna.create_study(study_name=layout.study_name, storage=layout.optuna_storage,
+                                    direction="maximize")
+        study.enqueue_trial({})
+        study.optimize(lambda trial: 0.5, n_trials=1)
+        del study
+    finally:  # Optuna's level is process-wide: later tests read Optuna's own lines
+        optuna.logging.set_verbosity(verbosity)
     return layout
 
 

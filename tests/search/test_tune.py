@@ -2,12 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -18,7 +13,6 @@ from data_pipeline.loader import load_splits
 from search.config import ConfigError, load_config
 from search.export import export_best
 from search.layout import Layout
-from search.ray_setup import LOCAL_RAY_SYSTEM_CONFIG
 from search.results import ResultsStore
 from search.run import train_in_process
 from search.shared_data import DATA_PRIVATE_MB
@@ -34,14 +28,6 @@ TINY = ["data.scale=0.1", "train.epochs=2", "train.batch_size=32", "model.hidden
 
 def tiny(exp: Path, *extra: str):
     return load_config(ROOT / "configs" / "lnln_quick.yaml", [*TINY, f"output.dir={exp}", *extra])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
-    yield
-    ray.shutdown()
 
 
 def load_study(exp: Path) -> optuna.Study:
@@ -122,45 +108,6 @@ def test_tune_exits_non_zero_with_the_reason_when_no_trial_completed(tmp_path, l
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "no trial completed (1 errored)" in err and "loss is nan" in err
-
-
-def test_interrupted_experiment_resumes_to_the_same_trial_count(tmp_path):
-    exp = tmp_path / "exp"
-    args = [sys.executable, "-m", "search.cli", "tune", "--config", str(ROOT / "configs" / "lnln_quick.yaml")]
-    for item in [*TINY, "search.num_samples=4", "search.max_concurrent=1", f"output.dir={exp}"]:
-        args += ["--set", item]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list((exp / "trial_params").glob("*.json"))) < 2:
-        assert driver.poll() is None, driver.communicate()[1][-3000:]
-        time.sleep(0.5)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started, as a crash would
-    driver.wait()
-    before = ResultsStore(exp / "results").read()
-    assert 1 <= before.trial_id.nunique() < 4
-
-    resumed = subprocess.run(args[:4] + ["--resume", str(exp)], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # The console shows the live view's lines, not Ray's trial tables (those are in the log).
-    view = [line for line in resumed.stderr.splitlines() if line.startswith(("trial ", "search ended"))]
-    assert any(" completed after 2 epochs | best robust_f1 " in line for line in view), resumed.stderr[-3000:]
-    # Trials that ended before the crash count as ended after the resume too: all 4 ended, none
-    # pending, running or errored (ASHA may stop one early, depending on the order results come).
-    assert view[-1].startswith("search ended | best robust_f1 "), view
-    ended = re.search(r" trials 4/4: (\d+) completed(?:, (\d+) stopped early)? \| ", view[-1])
-    assert ended and int(ended[1]) + int(ended[2] or 0) == 4, view[-1]
-    for ray_table in ("Trial status", "Trial name", "Configuration for experiment", "Current best trial"):
-        assert ray_table not in resumed.stdout + resumed.stderr
-    assert "Trial status" in Layout(exp).ray_log.read_text()
-    df = ResultsStore(exp / "results").read()
-    assert df.trial_id.nunique() == 4
-    assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
-    assert all(epochs == [0, 1] for epochs in per_trial_epochs(df))
-    study = load_study(exp)
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 4
 
 
 def test_multi_objective_search_exports_its_pareto_front(tmp_path, local_ray):
