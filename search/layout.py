@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .storage import experiment_storage, join, shown
+from .storage import experiment_storage, is_uri, join, shown
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,12 @@ class Layout:
         return replace(self, storage=experiment_storage(cfg.output.storage, self.root),
                        study_url=cfg.search.storage)
 
-    def _stored(self, name: str) -> Path | str:
-        """`name` in the experiment's storage: a Path when local, a URI string otherwise."""
+    def _stored(self, *names: str) -> Path | str:
+        """`names` in the experiment's storage: a Path when local, a URI string otherwise."""
         if not self.storage:
-            return self.root / name
-        location = join(self.storage, name)
-        return location if "://" in location else Path(location)
+            return self.root.joinpath(*names)
+        location = join(self.storage, *names)
+        return location if is_uri(location) else Path(location)
 
     # --- shared by runs and experiments ---
     @property
@@ -90,7 +90,7 @@ class Layout:
 
     @property
     def tune_state(self) -> Path | str:  # what Tuner.restore reads
-        return join(self.ray, self.TUNE_NAME) if isinstance(self.ray, str) else self.ray / self.TUNE_NAME
+        return self._stored("ray", self.TUNE_NAME)
 
     @property
     def space(self) -> Path:  # the resolved search space
@@ -132,7 +132,7 @@ class Layout:
 
     @property
     def ray_train_storage(self) -> Path | str:  # `train.workers >= 1`: Ray Train's storage_path
-        return self.checkpoints if not self.storage else self._stored("checkpoints")
+        return self._stored("checkpoints")
 
     @property
     def trial_starts(self) -> Path:  # the order in which trials started (search.nan_trial)

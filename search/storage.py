@@ -83,11 +83,7 @@ def shown(url: str) -> str:
 def experiment_storage(output_storage: str, exp_dir: Path) -> str:
     """The experiment's storage root: `<output.storage>/<experiment name>`, or '' where the
     experiment directory keeps everything."""
-    if not output_storage:
-        return ""
-    if is_uri(output_storage):
-        return f"{output_storage.rstrip('/')}/{exp_dir.name}"
-    return str(Path(output_storage) / exp_dir.name)
+    return join(output_storage, exp_dir.name) if output_storage else ""
 
 
 def join(location: str, *parts: str) -> str:
