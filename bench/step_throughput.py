@@ -1,11 +1,12 @@
 """Benchmark: training samples/s and evaluation pattern-samples/s of a registered model.
 
-    python bench/step_throughput.py --model lnln --shape mosi-aligned [--batch-size 64] [--threads 2]
+    python bench/step_throughput.py --model lnln --shape mosi-aligned [--batch-size 64] [--threads 2] [--dropout 0.1]
 
 Synthetic data at the real shapes (`mosi-aligned`: 50/50/50 steps; `mosi`: 50 text tokens,
 375 audio and 500 video frames), text as precomputed features, the model's default
 (reference) sizes; the training loop's own step (row chunks in parallel on CPU where exact,
-`--batch-chunks 1` for one stream). Prints `train_samples_per_s=<x>` and `eval_pattern_samples_per_s=<x>`.
+`--batch-chunks 1` for one stream; dropout from each chunk's own generator). Prints the chunk
+count (`batch_chunks=<n>`), `train_samples_per_s=<x>` and `eval_pattern_samples_per_s=<x>`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from data_pipeline.missing import default_eval_grid, parse_pattern  # noqa: E402
 from data_pipeline.synth import synthesize  # noqa: E402
 from search.config import ExperimentConfig, apply_override  # noqa: E402
 from search.evaluate import predict_patterns  # noqa: E402
-from search.row_parallel import eval_streams, resolve_chunks  # noqa: E402
+from search.row_parallel import eval_streams, resolve_chunks, step_generators  # noqa: E402
 from search.trainer import build_state, forward_backward  # noqa: E402
 
 
@@ -38,12 +39,13 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=128)
     parser.add_argument("--batch-chunks", type=int, default=0,
                         help="train.batch_chunks: 0 = auto (row chunks / patterns in parallel where exact), 1 = off")
+    parser.add_argument("--dropout", type=float, default=0.0, help="model.dropout")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override, as the CLI's (e.g. model.lnln.qkv_norms=shared); repeatable")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    raw = {"model": {"name": args.model},
+    raw = {"model": {"name": args.model, "dropout": args.dropout},
            "train": {"batch_size": args.batch_size, "epochs": 1, "batch_chunks": args.batch_chunks}}
     for assignment in args.set:
         apply_override(raw, assignment)
@@ -61,7 +63,8 @@ def main() -> None:
 
     def step(i: int) -> None:  # the training loop's step (search/trainer.py)
         batch = make_batch(train, rows[i % len(rows)], missing, seed=1, epoch=0)
-        forward_backward(model, model, batch, state.weights, 0.5, chunks=chunks)
+        forward_backward(model, model, batch, state.weights, 0.5, chunks=chunks,
+                         generators=step_generators(cfg.train.seed, 0, i, chunks))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -91,7 +94,8 @@ def main() -> None:
     eval_rate = n_eval * len(patterns) / (time.perf_counter() - start)
 
     print(f"model={args.model} shape={args.shape} batch_size={args.batch_size} threads={args.threads} "
-          f"params={n_params} train_steps={n_steps} batch_chunks={chunks} eval_streams={streams}")
+          f"dropout={args.dropout} params={n_params} train_steps={n_steps} batch_chunks={chunks} "
+          f"eval_streams={streams}")
     print(f"train_samples_per_s={train_rate:.1f}")
     print(f"eval_pattern_samples_per_s={eval_rate:.1f}")
 

@@ -26,6 +26,7 @@ from data_pipeline.schema import DataSpec
 
 from .config import ModelConfig
 from .entry import ModelEntry
+from .dropout import Dropout
 from .layers import (BilinearCritic, Discriminator, TokenEncoder, grad_reverse, grl_coefficient, infonce_loss,
                      jsd_mi_loss, mlp)
 from .space import ADVERSARIAL_SPACE, OPTIMIZER_SPACE, Dist
@@ -118,7 +119,7 @@ class Fusion(nn.Module):
     def __init__(self, dim_in: int, widths: Sequence[int], dropout: float = 0.0):
         super().__init__()
         dims = [dim_in, *widths]
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout))
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.ReLU(), Dropout(dropout))
                                     for a, b in zip(dims[:-1], dims[1:]))
         self.head = nn.Linear(dims[-1], 1)
 

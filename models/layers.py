@@ -1,8 +1,9 @@
 """Shared building blocks for LNLN and HRLF: pre-norm Transformers, learnable-token
 encoders, gradient reversal with its schedule, and small MLP heads.
 
-All attention goes through `F.scaled_dot_product_attention` (fused kernels on CPU and GPU).
-Masks are boolean (B, T_k) with True = attend, as SDPA expects.
+All attention goes through `F.scaled_dot_product_attention` (fused kernels on CPU and GPU),
+except attention dropout under a `dropout_generator` (`attend`). Masks are boolean (B, T_k)
+with True = attend, as SDPA expects.
 """
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ from torch import nn
 
 from data_pipeline.loader import host_to_device
 
+from .dropout import Dropout, attend
+
 
 # --- Transformer ---------------------------------------------------------------------------
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
+        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), Dropout(dropout),
+                                 nn.Linear(hidden_dim, dim), Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -72,8 +75,7 @@ class Attention(nn.Module):
             b_q, b_kv = (None, None) if bias is None else bias.split([self.inner, 2 * self.inner])
             q = F.linear(queries, w_q, b_q).unflatten(-1, (h, dh)).transpose(1, 2)  # (B, h, N, dh)
             k, v = F.linear(source, w_kv, b_kv).unflatten(-1, (2, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, d)
 
     def _projection(self, affine):
@@ -104,8 +106,7 @@ class Attention(nn.Module):
         q = F.linear(queries, w_q.reshape(h * dh, d), b_q).unflatten(-1, (h, dh))  # (B, T, h, dh)
         q = torch.einsum("bthe,hed->bhtd", q, w_k).reshape(b, 1, h * t, d)  # (B, 1, h*T, d)
         kv = source.unsqueeze(1)  # (B, 1, N, d)
-        out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=dh ** -0.5,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = attend(q, kv, kv, mask, dropout_p=self.dropout if self.training else 0.0, scale=dh ** -0.5)
         out = torch.einsum("bhtd,hed->bthe", out.view(b, h, t, d), w_v).flatten(2)  # (B, T, inner)
         return self.to_out(out if b_v is None else out + b_v)
 

@@ -77,8 +77,9 @@ class TrainConfig(BaseModel):
     # summation order, so reproducing a number exactly needs the same count.
     threads: int = Field(0, ge=0)
     # CPU training: split each batch into this many row chunks, one thread each (exact for
-    # models whose losses are per-row means, e.g. LNLN). 0 = auto: the thread count where
-    # that is exact and deterministic (no dropout, one discriminator step), else 1 = off.
+    # models whose losses are per-row means, e.g. LNLN; each chunk's dropout draws from its
+    # own generator). 0 = auto: the thread count where that is exact and deterministic (one
+    # discriminator step, no BERT text encoder), else 1 = off.
     batch_chunks: int = Field(0, ge=0)
     # Test hook: make the loss NaN at the first step (the run must end with a clear reason).
     inject_nan: bool = False

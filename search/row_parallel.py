@@ -8,13 +8,18 @@ and the gradients are summed in chunk order.
 
 Exact only for models whose loss is a mean of per-row terms with no interaction between rows
 (the registry's `rows_independent`): then the batch loss is the size-weighted sum of the chunk
-losses, and so is its gradient. Deterministic: each chunk runs single-threaded and the sum
-order is fixed. Not used with dropout (all threads draw from torch's one global generator, in
-an order the scheduler picks), with extra discriminator steps (they reuse the step's whole
-outputs), or under DDP/DeepSpeed (their gradient hooks need `backward()`).
+losses, and so is its gradient. Deterministic: each chunk runs single-threaded, the sum order
+is fixed, and its dropout draws from a generator of its own (`step_generators`, seeded from
+train.seed, the step and the chunk index), not from torch's global one in whatever order the
+threads run. So a run repeats bit for bit at a fixed chunk count, a restored one included: the
+masks depend on where the step is, not on what the process drew before. In-process CPU
+training uses these generators with one chunk too. Not used with extra discriminator steps
+(they reuse the step's whole outputs), with a BERT text encoder (its own dropout draws from
+the global generator), or under DDP/DeepSpeed (their gradient hooks need `backward()`).
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
@@ -25,6 +30,7 @@ from torch import nn
 from data_pipeline.errors import MsaSearchError
 from data_pipeline.loader import Batch
 from models.entry import ModelEntry
+from models.dropout import dropout_generator
 
 from .config import ExperimentConfig
 
@@ -59,11 +65,21 @@ def _unsupported(cfg: ExperimentConfig, entry: ModelEntry, device: torch.device,
         return "row chunks are for CPU training (a GPU runs the whole batch in one stream)"
     if not entry.rows_independent:
         return f"model '{entry.name}' has batch-level loss terms, so a split batch would change its loss"
-    if cfg.model.dropout > 0:
-        return "model.dropout > 0 would draw random numbers from several threads in no fixed order"
+    if cfg.model.text_encoder == "bert":
+        return ("model.text_encoder 'bert' has dropout of its own, which would draw from torch's generator "
+                "in several threads in no fixed order")
     if cfg.model.adversarial.disc_steps > 1:
         return "model.adversarial.disc_steps > 1 reuses the whole step's outputs"
     return None
+
+
+def step_generators(seed: int, epoch: int, batch: int, chunks: int) -> list[torch.Generator]:
+    """The dropout generators of one training step, one per row chunk, each seeded from a
+    stable hash of (train.seed, epoch, batch index, chunk index)."""
+    def seeded(chunk: int) -> torch.Generator:
+        digest = hashlib.blake2b(f"dropout|{seed}|{epoch}|{batch}|{chunk}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return [seeded(chunk) for chunk in range(chunks)]
 
 
 def _pool(chunks: int) -> ThreadPoolExecutor:
@@ -110,8 +126,10 @@ def _one_intra_op_thread() -> None:
 def row_parallel_backward(
     model: nn.Module, batch: Batch, chunks: int, scale: float,
     loss_fn: Callable[[Batch], tuple[dict[str, torch.Tensor], torch.Tensor]],
+    generators: Sequence[torch.Generator] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Forward + backward of `loss_fn` over `chunks` row ranges of `batch` in parallel.
+    """Forward + backward of `loss_fn` over `chunks` row ranges of `batch` in parallel, chunk
+    i's dropout drawing from `generators[i]` (None: torch's global generator).
 
     Adds `scale * d(batch loss)/d(param)` to each parameter's `.grad`, as
     `(scale * total).backward()` would. Returns the batch's terms and total (detached), each
@@ -119,14 +137,17 @@ def row_parallel_backward(
     """
     parts = batch.split(chunks)
     params = [p for p in model.parameters() if p.requires_grad]
+    generators = generators or [None] * len(parts)
 
-    def run(part: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple]:
-        terms, total = loss_fn(part)
+    def run(chunk: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple]:
+        part = parts[chunk]
+        with dropout_generator(generators[chunk]):  # set in the chunk's own thread
+            terms, total = loss_fn(part)
         weight = len(part) / len(batch)
         grads = torch.autograd.grad(total * (weight * scale), params, allow_unused=True)
         return {k: v.detach() * weight for k, v in terms.items()}, total.detach() * weight, grads
 
-    results = parallel_map(run, parts, chunks)
+    results = parallel_map(run, range(len(parts)), chunks)
     with torch.no_grad():
         for i, param in enumerate(params):
             grads = [r[2][i] for r in results if r[2][i] is not None]

@@ -22,6 +22,7 @@ from data_pipeline.atomic import atomic_file, writing
 from data_pipeline.errors import MsaSearchError
 from data_pipeline.loader import SplitTensors, batch_rows, make_batch, stage_splits
 from models.entry import ModelEntry
+from models.dropout import dropout_generator
 from models.registry import get_model
 
 from .config import ExperimentConfig
@@ -30,7 +31,7 @@ from .evaluate import evaluate_patterns
 from .objective import objective_value
 from .optim import DeepSpeedStep, OptimizerStep, build_lr_schedule, build_optimizer, closes_group
 from .results import EpochReport, EpochResults
-from .row_parallel import eval_streams, resolve_chunks, row_parallel_backward
+from .row_parallel import eval_streams, resolve_chunks, row_parallel_backward, step_generators
 
 
 class TrainingDiverged(MsaSearchError):
@@ -103,8 +104,9 @@ def save_state(state: TrainState, path: Path) -> None:
 
 
 def _rng_state(state: TrainState) -> dict:
-    """The generators training draws from (dropout: torch's, on the CPU or the run's GPU), so a
-    restored run continues as if it never stopped."""
+    """The generators training draws from (dropout on a GPU or in a Ray Train worker: torch's),
+    so a restored run continues as if it never stopped. In-process CPU steps draw from
+    generators of their own, functions of (train.seed, epoch, batch, chunk): nothing to save."""
     device = next(unwrap(state.model).parameters()).device
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -157,8 +159,11 @@ def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, d
     epoch, model = state.epoch, state.model
     core = unwrap(model)  # the model's own methods (losses); wrappers only run forward
     # Ray Train workers pass their step: DDP and DeepSpeed need their own backward(), while
-    # in-process CPU training may split each batch into row chunks that run in parallel.
-    chunks = resolve_chunks(cfg, state.entry, device, distributed=step is not None or core is not model)
+    # in-process CPU training may split each batch into row chunks that run in parallel, each
+    # chunk's dropout drawing from its own generator (one chunk too: the same reproducibility).
+    distributed = step is not None or core is not model
+    chunks = resolve_chunks(cfg, state.entry, device, distributed=distributed)
+    own_generators = device.type == "cpu" and not distributed
     step = step or OptimizerStep(model, state.optimizer, state.scheduler, cfg)
     model.train()
     weights = epoch_weights(state, cfg, epoch)
@@ -172,9 +177,10 @@ def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, d
         batch = make_batch(train, rows, training_missing, seed=cfg.missing.seed, epoch=epoch, device=device,
                            dtype=dtype)
         progress = (epoch + i / len(batches)) / cfg.train.epochs
+        generators = step_generators(cfg.train.seed, epoch, i, chunks) if own_generators else None
         outputs, terms, total = forward_backward(model, core, batch, weights, progress, chunks=chunks,
                                                  scale=step.loss_scale, inject_nan=cfg.train.inject_nan,
-                                                 autocast_to=autocast_to)
+                                                 autocast_to=autocast_to, generators=generators)
         # The step's one host sync: every logged value in one copy (each float() would be one).
         values = dict(zip([*terms, "total"], torch.stack([*(v.detach() for v in terms.values()), total.detach()])
                           .float().tolist()))
@@ -192,14 +198,15 @@ def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, d
 
 def forward_backward(model: nn.Module, core: nn.Module, batch, weights: dict[str, float], progress: float, *,
                      chunks: int = 1, scale: float | None = 1.0, inject_nan: bool = False,
-                     autocast_to: torch.dtype | None = None,
+                     autocast_to: torch.dtype | None = None, generators: list[torch.Generator] | None = None,
                      ) -> tuple[dict | None, dict[str, torch.Tensor], torch.Tensor]:
     """One batch's outputs, loss terms and weighted total; with `scale`, also adds
     `scale * d(total)` to the gradients (None: the caller's engine runs backward). With
     `chunks` > 1 the rows run in parallel chunks (search/row_parallel.py) and the outputs,
-    which no single chunk has, are None. With `autocast_to` the forward and the losses run under
-    autocast (entered here: chunks run in threads, and autocast state is per thread); losses
-    read some outputs through modules (HRLF's decoders), and compute their arithmetic in fp32."""
+    which no single chunk has, are None. Chunk i's dropout draws from `generators[i]` (None:
+    torch's generator). With `autocast_to` the forward and the losses run under autocast
+    (entered here: chunks run in threads, and autocast state is per thread); losses read some
+    outputs through modules (HRLF's decoders), and compute their arithmetic in fp32."""
     def batch_loss(part) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor]:
         with autocast(part.label.device, autocast_to):
             outputs = model(part, progress=progress)
@@ -209,9 +216,11 @@ def forward_backward(model: nn.Module, core: nn.Module, batch, weights: dict[str
         return outputs, terms, total * float("nan") if inject_nan else total
 
     if chunks > 1:
-        terms, total = row_parallel_backward(model, batch, chunks, scale, lambda part: batch_loss(part)[1:])
+        terms, total = row_parallel_backward(model, batch, chunks, scale, lambda part: batch_loss(part)[1:],
+                                             generators)
         return None, terms, total
-    outputs, terms, total = batch_loss(batch)
+    with dropout_generator(generators[0] if generators else None):
+        outputs, terms, total = batch_loss(batch)
     if scale is not None:
         (total * scale).backward()
     return outputs, terms, total

@@ -145,9 +145,10 @@ def test_non_finite_loss_raises_training_diverged(aligned_splits):
 
 
 def test_a_run_resumed_from_its_checkpoint_trains_as_if_it_never_stopped(aligned_splits, tmp_path):
-    """Dropout draws from torch's generator: its state travels in the checkpoint, so a trial Tune
-    restores after a crash (or a run resumed with --resume) trains the weights and reaches the
-    numbers of a run that never stopped (before, a restored trial's numbers differed)."""
+    """A trial Tune restores after a crash (or a run resumed with --resume) trains the weights
+    and reaches the numbers of a run that never stopped: in-process CPU dropout draws from
+    generators seeded by the step, and torch's generator state (dropout on a GPU or in a Ray
+    Train worker) travels in the checkpoint."""
     from search.trainer import load_state, save_state
 
     cfg = ExperimentConfig.model_validate({

@@ -1,5 +1,5 @@
-"""Row-parallel CPU training steps: the same gradient as the whole batch, deterministic, and
-refused where a split batch would change the loss."""
+"""Row-parallel CPU training steps: the same gradient as the whole batch, deterministic (dropout
+included), and refused where a split batch would change the loss."""
 from __future__ import annotations
 
 import pytest
@@ -10,8 +10,9 @@ from data_pipeline.loader import SplitTensors, batch_rows, make_batch
 from data_pipeline.synth import synthesize
 from models.registry import get_model
 from search.config import ExperimentConfig
-from search.row_parallel import resolve_chunks
-from search.trainer import build_state, forward_backward, train_epoch
+import search.row_parallel as row_parallel
+from search.row_parallel import resolve_chunks, step_generators
+from search.trainer import build_state, forward_backward, load_state, save_state, train_epoch
 
 SMALL_MODEL = {"hidden_dim": 32, "num_heads": 4, "dim_head": 16, "mlp_dim": 32, "lnln": {"tokens": 4}}
 CPU = torch.device("cpu")
@@ -26,6 +27,13 @@ def cfg_for(model: dict | None = None, **train) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def train_split():
     data = synthesize("mosi-aligned", seed=3, scale=0.2)
+    return SplitTensors.from_arrays(data.spec, "train", data.split("train"))
+
+
+@pytest.fixture(scope="module")
+def small_split():
+    """103 rows: batches of 48, 48 and 7 (a tail smaller than the chunks' minimum)."""
+    data = synthesize("mosi-aligned", seed=3, scale=0.08)
     return SplitTensors.from_arrays(data.spec, "train", data.split("train"))
 
 
@@ -54,17 +62,81 @@ def test_row_chunks_give_the_whole_batch_loss_and_gradient(train_split):
         torch.testing.assert_close(grads_3[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
-def test_row_chunk_training_is_deterministic(train_split):
-    cfg = cfg_for(batch_chunks=2, grad_accum=2)
-    runs = []
-    for _ in range(2):
-        state = build_state(cfg, train_split, CPU)
+def trained(cfg, train_split, epochs: int = 1, between=None):
+    """Losses of the last epoch and the weights after `epochs` epochs from a fresh state."""
+    state = build_state(cfg, train_split, CPU)
+    for _ in range(epochs):
+        if between is not None:
+            between()
         losses = train_epoch(state, cfg, train_split, CPU)
-        runs.append((losses, [p.detach().clone() for p in state.model.parameters()]))
-    assert runs[0][0] == runs[1][0]
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+        state.epoch += 1
+    return losses, [p.detach().clone() for p in state.model.parameters()]
+
+
+def same_run(a, b) -> bool:
+    return a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_row_chunk_training_is_deterministic(train_split, dropout):
+    cfg = cfg_for({"dropout": dropout}, batch_chunks=2, grad_accum=2)
+    first = trained(cfg, train_split)
+    # Whatever the process drew from torch's generator before does not matter either.
+    assert same_run(first, trained(cfg, train_split, between=lambda: torch.rand(7)))
     before = build_state(cfg, train_split, CPU).model.parameters()
-    assert any(not torch.equal(a, b) for a, b in zip(before, runs[0][1]))  # it did train
+    assert any(not torch.equal(a, b) for a, b in zip(before, first[1]))  # it did train
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_dropout_masks_are_the_steps_own(small_split, chunks):
+    """In-process CPU steps draw dropout from generators of (seed, epoch, batch, chunk): torch's
+    generator, drawn from in between, changes nothing; train.seed does."""
+    cfg = cfg_for({"dropout": 0.3}, batch_chunks=chunks)
+    first = trained(cfg, small_split)
+    assert same_run(first, trained(cfg, small_split, between=lambda: torch.rand(7)))
+    no_dropout = trained(cfg_for(batch_chunks=chunks), small_split)
+    assert first[0] != no_dropout[0]  # dropout was on
+
+
+def test_threaded_chunks_with_dropout_equal_the_same_chunks_one_after_another(small_split, monkeypatch):
+    """The chunks' threads change nothing: the same chunks, each with its generator, run in turn
+    in the main thread give bit-identical losses and weights (one intra-op thread for both)."""
+    cfg = cfg_for({"dropout": 0.2}, batch_chunks=2, grad_accum=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each chunk's thread: the same kernels, the same rounding
+    try:
+        threaded = trained(cfg, small_split, epochs=2)
+        monkeypatch.setattr(row_parallel, "parallel_map", lambda fn, items, streams: [fn(x) for x in items])
+        in_turn = trained(cfg, small_split, epochs=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert same_run(threaded, in_turn)
+
+
+def test_a_chunked_run_with_dropout_resumes_as_if_it_never_stopped(small_split, tmp_path):
+    cfg = cfg_for({"dropout": 0.2}, batch_chunks=2, epochs=2)
+    straight = trained(cfg, small_split, epochs=2)
+    state = build_state(cfg, small_split, CPU)
+    train_epoch(state, cfg, small_split, CPU)
+    state.epoch = 1
+    save_state(state, tmp_path / "state.pt")
+    torch.rand(7)  # whatever the process drew in between
+    restored = build_state(cfg, small_split, CPU)
+    load_state(restored, tmp_path / "state.pt", CPU)
+    resumed = train_epoch(restored, cfg, small_split, CPU)
+    assert same_run(straight, (resumed, [p.detach().clone() for p in restored.model.parameters()]))
+
+
+def test_step_generators_differ_by_chunk_and_step_and_repeat():
+    def draws(*key):
+        return [torch.rand(4, generator=g) for g in step_generators(*key)]
+
+    a, b = draws(1111, 0, 0, 2)
+    assert not torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(draws(1111, 0, 0, 2), (a, b)))
+    assert not torch.equal(draws(1111, 0, 1, 2)[0], a)
+    assert not torch.equal(draws(1111, 1, 0, 2)[0], a)
+    assert not torch.equal(draws(1112, 0, 0, 2)[0], a)
 
 
 def test_auto_chunks_only_where_a_split_is_exact_and_deterministic():
@@ -73,24 +145,30 @@ def test_auto_chunks_only_where_a_split_is_exact_and_deterministic():
     torch.set_num_threads(2)
     try:
         assert resolve_chunks(cfg_for(), lnln, CPU) == 2  # one chunk per thread
+        assert resolve_chunks(cfg_for({"dropout": 0.1}), lnln, CPU) == 2  # each chunk its own generator
         assert resolve_chunks(cfg_for(batch_size=31), lnln, CPU) == 1  # under 16 rows a chunk
+        assert resolve_chunks(with_bert(cfg_for()), lnln, CPU) == 1  # BERT's dropout is torch's
     finally:
         torch.set_num_threads(threads)
     assert resolve_chunks(cfg_for(), hrlf, CPU) == 1  # InfoNCE contrasts rows of the batch
-    assert resolve_chunks(cfg_for({"dropout": 0.1}), lnln, CPU) == 1
     assert resolve_chunks(cfg_for({"adversarial": {"disc_steps": 2}}), lnln, CPU) == 1
     assert resolve_chunks(cfg_for(), lnln, CPU, distributed=True) == 1
     assert resolve_chunks(cfg_for(batch_chunks=1), lnln, CPU) == 1
     assert resolve_chunks(cfg_for(batch_chunks=4), lnln, CPU) == 4
 
 
+def with_bert(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`model.text_encoder: bert` without the weights validation would look for."""
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"text_encoder": "bert"})})
+
+
 @pytest.mark.parametrize("model, train, reason", [
     ({"name": "hrlf"}, {}, "model 'hrlf' has batch-level loss terms"),
-    ({"dropout": 0.2}, {}, "model.dropout > 0"),
+    ("bert", {}, "model.text_encoder 'bert' has dropout of its own"),
     ({}, {"device": "cuda"}, "row chunks are for CPU training"),
 ])
 def test_explicit_chunks_that_would_change_the_math_are_refused(model, train, reason):
-    cfg = cfg_for(model, batch_chunks=2, **train)
+    cfg = with_bert(cfg_for(batch_chunks=2)) if model == "bert" else cfg_for(model, batch_chunks=2, **train)
     device = torch.device(cfg.train.device)
     with pytest.raises(MsaSearchError, match=f"train.batch_chunks: 2 is not possible here: {reason}"):
         resolve_chunks(cfg, get_model(cfg.model.name), device)
