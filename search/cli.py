@@ -277,6 +277,7 @@ def _refuse_unwritable_output(cfg) -> None:
 
 
 def _print_status(exp: Path) -> None:
+    from .evaluation_plan import POLICY_EPOCHS, resolved_policy
     from .export import load_experiment, pattern_table, score_trials, stored_pattern_metrics, trial_states
     from .objective import held_out_patterns
     from .report_data import text_missing_note
@@ -292,6 +293,10 @@ def _print_status(exp: Path) -> None:
     rows = df[(df.trial_id == best.trial_id) & (df.epoch == best.epoch)]
     console.print(text_missing_note(cfg))
     results = {split: stored_pattern_metrics(rows[rows.split == split]) for split in ("valid", "test")}
+    if not results["test"]:
+        policy = resolved_policy(cfg, in_search=True)
+        console.print(f"epoch {best.epoch} of trial {best.trial_id} has no test results: train.eval_test "
+                      f"{policy} evaluates the test grid {POLICY_EPOCHS[policy]}")
     console.print(pattern_table(f"trial {best.trial_id}, epoch {best.epoch} (* = held out of the objective)",
                                 results, cfg.missing.eval_grid,
                                 held_out_patterns(cfg.missing.eval_grid, cfg.search.objective_patterns)))

@@ -68,6 +68,11 @@ class TrainConfig(BaseModel):
     # auto: GPUs where the cluster (or, without Ray, this process) has them. The driver decides
     # once (search/devices.py); trials and workers use the GPU Ray assigns them.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # When an epoch evaluates the test grid (the valid grid, which the objective reads, runs
+    # every epoch): every; improved (epochs that improve the trial's best objective, and every
+    # epoch where the trial may end); end (only where it may end: its last epoch, ASHA's
+    # rungs). auto: improved in a search's trials, every for `train`. search/evaluation_plan.py.
+    eval_test: Literal["auto", "every", "improved", "end"] = "auto"
     # CUDA only: TF32 matmuls (several times the fp32 rate on Ampere+, ~1e-3 relative error).
     tf32: bool = False
     # Bit-for-bit repeatable GPU runs (deterministic kernels, attention on SDPA's math

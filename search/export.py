@@ -76,8 +76,9 @@ TABLE_COLUMNS = (("valid", "f1_non0"), ("test", "f1_non0"), ("test", "acc2_non0"
 
 
 def pattern_table(title: str, results: dict[str, PatternMetrics], grid: list[str], held_out=()):
-    """One trial's results per pattern of `grid` (rows without test results left out): valid
-    F1 and the test metrics; held-out patterns are starred. `status` and `evaluate` print it."""
+    """One trial's results per pattern of `grid` (patterns with no results left out): valid
+    F1 and the test metrics, "-" where a split was not evaluated at that epoch
+    (train.eval_test); held-out patterns are starred. `status` and `evaluate` print it."""
     from rich.table import Table
 
     table = Table(title=title)
@@ -85,10 +86,11 @@ def pattern_table(title: str, results: dict[str, PatternMetrics], grid: list[str
     for split, metric in TABLE_COLUMNS:
         table.add_column(f"{split} {metric}", justify="right")
     for pattern in grid:
-        if pattern not in results.get("test", {}):
+        if not any(pattern in results.get(split, {}) for split in ("valid", "test")):
             continue
-        values = (results.get(split, {}).get(pattern, {}).get(metric, float("nan")) for split, metric in TABLE_COLUMNS)
-        table.add_row(pattern + ("*" if pattern in held_out else ""), *(f"{v:.4f}" for v in values))
+        cells = (f"{results[split][pattern].get(metric, float('nan')):.4f}"
+                 if pattern in results.get(split, {}) else "-" for split, metric in TABLE_COLUMNS)
+        table.add_row(pattern + ("*" if pattern in held_out else ""), *cells)
     return table
 
 

@@ -120,6 +120,12 @@ def reference_epochs(rows: pd.DataFrame, metrics: list[str]) -> dict[str, int]:
     if at.empty:
         raise ConfigError(f"--protocol reference-lnln selects on the test split at {REFERENCE_PATTERN}, and these "
                           f"results have none; add {REFERENCE_PATTERN} to missing.eval_grid")
+    untested = sorted(set(rows.epoch) - set(at.epoch))
+    if untested:
+        shown = ", ".join(map(str, untested[:5])) + (", ..." if len(untested) > 5 else "")
+        raise ConfigError(f"--protocol reference-lnln selects on the test split at every epoch, and epochs {shown} "
+                          f"have no test results (train.eval_test evaluated test only at some epochs; "
+                          f"train with train.eval_test: every)")
     rounded = "acc3" not in metrics  # the reference rounds its MOSI/MOSEI metrics, not its SIMS ones
     epochs: dict[str, int] = {}
     for selector, read in REFERENCE_CHECKPOINTS.items():
@@ -155,6 +161,9 @@ def score_run(run: RunRows, protocol: str, metrics: list[str]) -> RunScore:
             epoch = paper_epoch(run.rows, run.cfg.search.objective, run.cfg.search.objective_patterns)
             if epoch is None:  # NaN in every column of the table; a note says why
                 return RunScore(run.entry, run.run, run.cfg.train.seed, {}, dict.fromkeys(metrics, np.nan), ())
+            if not ((run.rows.epoch == epoch) & (run.rows.split == "test")).any():
+                raise ConfigError(f"epoch {epoch}, the best on valid, has no test results (train.eval_test "
+                                  f"{run.cfg.train.eval_test}: use every or improved for this protocol)")
             epochs = {metric: epoch for metric in metrics}
         else:
             epochs = reference_epochs(run.rows, metrics)

@@ -78,14 +78,15 @@ def cluster_of(address: str | None) -> Cluster:
 
 
 def torch_trainer(cfg: ExperimentConfig, *, data: SharedSplits, checkpoint_key: str, storage_path: Path | str, name: str,
-                  callbacks: list, init_weights=None):
+                  callbacks: list, init_weights=None, in_search: bool = False):
     """A TorchTrainer of `train.workers` workers running search/worker.py on the shared splits `data`.
 
     `cfg` is the driver's placed config (search/devices.py): train.device is cpu or cuda, and
     with cuda each worker gets one GPU from Ray and NCCL. `checkpoint_key` names the node-local
     checkpoint staging directories (unique per run); Ray Train keeps its checkpoints under
     `storage_path/name`. `init_weights`: an object-store reference to the state dict every
-    worker starts from (search/weights.py), or None."""
+    worker starts from (search/weights.py), or None. `in_search`: a search's trial (its
+    test grid follows search/evaluation_plan.py's search default)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -97,7 +98,8 @@ def torch_trainer(cfg: ExperimentConfig, *, data: SharedSplits, checkpoint_key: 
     return TorchTrainer(
         worker_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "data": data,
-                           "checkpoint_key": checkpoint_key, "init_weights": init_weights},
+                           "checkpoint_key": checkpoint_key, "init_weights": init_weights,
+                           "in_search": in_search},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

@@ -45,8 +45,8 @@ class EpochReport:
 
 def epoch_metrics(report: EpochReport, search: SearchConfig) -> dict[str, Any]:
     """What a run reports each epoch (to Ray Train or Tune): the objective(s), robust_f1,
-    the losses, and every per-pattern result as one JSON string (Tune's own loggers then
-    keep one column for them)."""
+    the losses, the epoch's training and evaluation seconds, and every per-pattern result as
+    one JSON string (Tune's own loggers then keep one column for them)."""
     valid = report.results["valid"]
     return {
         OBJECTIVE: report.objective, "epoch": report.epoch,
@@ -54,6 +54,7 @@ def epoch_metrics(report: EpochReport, search: SearchConfig) -> dict[str, Any]:
         **{f"{OBJECTIVE}/{n}": objective_value(valid, n, search.objective_patterns) for n in search.objectives},
         "f1_non0_complete": valid.get("intra:0.0", {}).get("f1_non0", float("nan")),
         **{f"loss/{k}": v for k, v in report.losses.items()},
+        "time/train_s": report.train_time_s, "time/eval_s": report.eval_time_s,
         "rows": json.dumps(report.results),
     }
 

@@ -28,6 +28,7 @@ from models.registry import get_model
 from .config import ExperimentConfig
 from .devices import autocast, configure_torch, in_process_device
 from .evaluate import evaluate_patterns
+from .evaluation_plan import TestGridPlan
 from .objective import objective_value
 from .optim import DeepSpeedStep, OptimizerStep, build_lr_schedule, build_optimizer, closes_group
 from .results import EpochReport, EpochResults
@@ -48,6 +49,7 @@ class TrainState:
     disc_optimizer: torch.optim.Optimizer | None = None  # extra discriminator steps only
     epoch: int = 0  # next epoch to run
     history: list[EpochReport] = field(default_factory=list)
+    best_objectives: list[float] | None = None  # the run's best so far (search/evaluation_plan.py)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -100,7 +102,7 @@ def save_state(state: TrainState, path: Path) -> None:
             open(tmp, "wb") as fh:
         torch.save({"epoch": state.epoch, "model": unwrap(state.model).state_dict(),
                     "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                    "rng": _rng_state(state)}, fh)
+                    "rng": _rng_state(state), "best_objectives": state.best_objectives}, fh)
 
 
 def _rng_state(state: TrainState) -> dict:
@@ -130,6 +132,7 @@ def load_state(state: TrainState, path: Path, device: torch.device) -> None:
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     state.epoch = int(saved["epoch"])
+    state.best_objectives = saved.get("best_objectives")
     _set_rng_state(saved.get("rng"), device)
 
 
@@ -241,7 +244,7 @@ def extra_discriminator_steps(state: TrainState, cfg: ExperimentConfig, outputs:
 
 def evaluate_epoch(model: nn.Module, cfg: ExperimentConfig, splits: dict[str, SplitTensors],
                    device: torch.device) -> EpochResults:
-    """Every pattern's metrics on each split, in the training precision (in-process models)."""
+    """Every pattern's metrics on each of `splits`, in the training precision (in-process models)."""
     patterns = cfg.missing.patterns()
     streams = eval_streams(cfg, device) if unwrap(model) is model else 1
     return {name: evaluate_patterns(model, data, patterns, seed=cfg.missing.seed,
@@ -258,18 +261,22 @@ def search_objective(results: EpochResults, cfg: ExperimentConfig) -> float:
 def fit(cfg: ExperimentConfig, splits: dict[str, SplitTensors], *, device: torch.device | None = None,
         on_epoch: Callable[[TrainState, EpochReport], None] | None = None,
         on_step: Callable[[int, int, dict], None] | None = None,
-        state: TrainState | None = None) -> TrainState:
-    """Train for `cfg.train.epochs` (from `state.epoch` when resuming), evaluating valid and
-    test over the grid after every epoch."""
+        state: TrainState | None = None, in_search: bool = False) -> TrainState:
+    """Train for `cfg.train.epochs` (from `state.epoch` when resuming), evaluating the grid on
+    valid after every epoch, and on test after the epochs `train.eval_test` names (`in_search`:
+    a search's trial, where auto means improved)."""
     device = device or in_process_device(cfg)
     state = state or build_state(cfg, splits["train"], device)
     splits = stage_splits(splits, device)  # on the GPU where they fit
-    evaluated = {k: v for k, v in splits.items() if k in ("valid", "test")}
+    plan = TestGridPlan(cfg, in_search, state.best_objectives)
     while state.epoch < cfg.train.epochs:
         start = time.perf_counter()
         losses = train_epoch(state, cfg, splits["train"], device, on_step=on_step, autocast_to=autocast_dtype(cfg))
         mid = time.perf_counter()
-        results = evaluate_epoch(state.model, cfg, evaluated, device)
+        results = evaluate_epoch(state.model, cfg, {"valid": splits["valid"]}, device)
+        if plan.due(state.epoch, results["valid"]):
+            results |= evaluate_epoch(state.model, cfg, {"test": splits["test"]}, device)
+        state.best_objectives = plan.best
         report = EpochReport(state.epoch, losses, results, search_objective(results, cfg), mid - start,
                              time.perf_counter() - mid)
         state.history.append(report)

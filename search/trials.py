@@ -73,7 +73,7 @@ def in_process_trial(params: dict, base: dict, data: SharedSplits) -> None:
         else:
             tune.report(metrics)
 
-    fit(cfg, splits, device=device, state=state, on_epoch=on_epoch)
+    fit(cfg, splits, device=device, state=state, on_epoch=on_epoch, in_search=True)
 
 
 def distributed_trial(params: dict, base: dict, data: SharedSplits) -> None:
@@ -85,4 +85,4 @@ def distributed_trial(params: dict, base: dict, data: SharedSplits) -> None:
     trial_id = tune.get_context().get_trial_id()
     torch_trainer(cfg, data=data, checkpoint_key=trial_id, name=trial_id,
                   storage_path=Layout(Path(cfg.output.dir)).with_config(cfg).nested_trials,
-                  callbacks=[TuneReportCallback()]).fit()
+                  callbacks=[TuneReportCallback()], in_search=True).fit()

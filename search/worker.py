@@ -20,6 +20,7 @@ from data_pipeline.loader import SplitTensors, stage_splits
 from data_pipeline.presets import EVALUATED_SPLITS
 
 from .config import TRIAL_CONTEXT, ExperimentConfig
+from .evaluation_plan import TestGridPlan
 from .evaluate import ShardPredictions, pattern_metrics, predict_patterns, scatter_rows, split_fingerprint
 from .optim import DeepSpeedStep, OptimizerStep
 from .results import EpochReport, EpochResults, epoch_metrics
@@ -56,12 +57,19 @@ def worker_loop(loop_config: dict) -> None:
     # DeepSpeed's engine runs its forward under its own torch_autocast (deepspeed_config); the
     # losses, outside the engine, need the same context (the engine's nested one matches it).
     autocast_to = autocast_dtype(cfg)
+    # Every rank gathers the same valid results, so all take the same decision (ZeRO-3's
+    # evaluation is collective).
+    plan = TestGridPlan(cfg, loop_config.get("in_search", False), state.best_objectives)
     while state.epoch < cfg.train.epochs:
         started = time.perf_counter()
         losses = train_epoch(state, cfg, splits["train"], me.device, rank=me.rank, world_size=me.world_size,
                              step=step, dtype=param_dtype(state.model), autocast_to=autocast_to)
         trained = time.perf_counter()
-        results, fingerprints = evaluate_shard(state, engine, cfg, splits, me)
+        results, fingerprints = evaluate_shard(state, engine, cfg, splits, me, ("valid",))
+        if plan.due(state.epoch, results["valid"]):
+            test, test_fingerprints = evaluate_shard(state, engine, cfg, splits, me, ("test",))
+            results, fingerprints = results | test, fingerprints | test_fingerprints
+        state.best_objectives = plan.best
         extra = {**fingerprints, DATA_PRIVATE_MB: data_mb}
         report = EpochReport(state.epoch, losses, results, search_objective(results, cfg), trained - started,
                              time.perf_counter() - trained)
@@ -134,13 +142,14 @@ def resume_from_checkpoint(state: TrainState, engine, device: torch.device) -> N
         if engine is not None:
             _, client_state = engine.load_checkpoint(ckpt_dir, tag="state")
             state.epoch = int(client_state["epoch"]) + 1
+            state.best_objectives = client_state.get("best_objectives")
         else:
             load_state(state, Path(ckpt_dir) / CLIENT_STATE_FILE, device)
 
 
 def evaluate_shard(state: TrainState, engine, cfg: ExperimentConfig, splits: dict[str, SplitTensors],
-                   me: Rank) -> tuple[EpochResults, dict[str, str]]:
-    """Each split's per-pattern metrics from every rank's shard, and its mask fingerprint.
+                   me: Rank, evaluated: tuple[str, ...] = EVALUATED_SPLITS) -> tuple[EpochResults, dict[str, str]]:
+    """Each evaluated split's per-pattern metrics from every rank's shard, and its mask fingerprint.
 
     ZeRO-3 partitions the weights and gathers them module by module in the engine's forward:
     evaluate through the engine, one pattern at a time, and with several ranks run the same
@@ -151,7 +160,7 @@ def evaluate_shard(state: TrainState, engine, cfg: ExperimentConfig, splits: dic
     model = state.model if zero3 else unwrap(state.model)
     patterns = cfg.missing.patterns()
     results, fingerprints = {}, {}
-    for split in EVALUATED_SPLITS:
+    for split in evaluated:
         data = splits[split]
         shard = predict_patterns(model, data, patterns, seed=cfg.missing.seed,
                                  batch_size=cfg.train.eval_rows(me.device), device=me.device,
@@ -183,8 +192,7 @@ def report_epoch(state: TrainState, engine, cfg: ExperimentConfig, report: Epoch
     epochs and after the last."""
     import ray.train
 
-    metrics = {**epoch_metrics(report, cfg.search), **extra,
-               "time/train_s": report.train_time_s, "time/eval_s": report.eval_time_s}
+    metrics = {**epoch_metrics(report, cfg.search), **extra}
     if not checkpoint_due(state, cfg):
         ray.train.report(metrics)
         return
@@ -200,7 +208,8 @@ def report_epoch(state: TrainState, engine, cfg: ExperimentConfig, report: Epoch
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if engine is not None:
         # Collective: every rank writes its ZeRO partition into the same directory layout.
-        engine.save_checkpoint(str(ckpt_dir), tag="state", client_state={"epoch": report.epoch})
+        engine.save_checkpoint(str(ckpt_dir), tag="state",
+                               client_state={"epoch": report.epoch, "best_objectives": state.best_objectives})
     elif me.rank == 0:
         save_state(state, ckpt_dir / CLIENT_STATE_FILE)  # state.epoch is already the next epoch
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))

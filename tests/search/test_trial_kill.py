@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLES, EPOCHS = 2, 3
 SETTINGS = ["data.scale=0.1", f"train.epochs={EPOCHS}", "train.batch_size=32", "model.hidden_dim=32",
             "model.dim_head=16", "model.num_heads=4", "model.lnln.tokens=4", "train.device=cpu",
-            "train.threads=1", "train.checkpoint_every=1", "search.scheduler=none", "search.max_concurrent=1",
+            "train.threads=1", "train.checkpoint_every=1", "train.eval_test=every", "search.scheduler=none",
+            "search.max_concurrent=1",
             f"search.num_samples={SAMPLES}", "search.max_failures=1"]
 TRAINABLE = "ImplicitFunc"  # the Ray actor class Tune runs a function trainable (our trial) in
 # CPU seconds the trial's process must spend after its first epoch was stored before it is
