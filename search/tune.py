@@ -109,7 +109,10 @@ def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, *, res
             search_alg=None if cfg.search.scheduler == "pbt" else searcher(cfg, layout),
             scheduler=scheduler(cfg, space), num_samples=cfg.search.num_samples,
             max_concurrent_trials=cfg.search.max_concurrent if cfg.search.scheduler == "pbt" else None,
-            time_budget_s=cfg.search.time_budget_s),
+            time_budget_s=cfg.search.time_budget_s,
+            # A new trial runs in the process of one that ended (every trial asks for the same
+            # resources): no process start and imports per trial (bench/search_overhead.py).
+            reuse_actors=True),
         run_config=tune.RunConfig(
             name=Layout.TUNE_NAME, storage_path=str(layout.ray),
             callbacks=callbacks,

@@ -176,10 +176,18 @@ def study_search(db: Path):
     return search
 
 
-def test_a_resumed_searcher_takes_over_the_optuna_trials_its_saved_state_missed(tmp_path, monkeypatch):
+@pytest.fixture
+def quiet_optuna():
+    """Optuna's verbosity is process-wide: set back after, or later tests lose its log lines."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    yield
+    optuna.logging.set_verbosity(level)
+
+
+def test_a_resumed_searcher_takes_over_the_optuna_trials_its_saved_state_missed(tmp_path, monkeypatch, quiet_optuna):
     from ray.tune.search.optuna import optuna_search
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings = []
     monkeypatch.setattr(optuna_search.logger, "warning", lambda *args, **kwargs: warnings.append(args))
     first = study_search(tmp_path / "optuna.db")
@@ -198,8 +206,7 @@ def test_a_resumed_searcher_takes_over_the_optuna_trials_its_saved_state_missed(
                                                            (optuna.trial.TrialState.COMPLETE, 0.7)]
 
 
-def test_a_trial_killed_while_being_asked_gets_its_missing_parameters(tmp_path):
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+def test_a_trial_killed_while_being_asked_gets_its_missing_parameters(tmp_path, quiet_optuna):
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
     x = study.ask().suggest_float("x", 0, 1)  # "k" not stored yet when the driver was killed
     search = study_search(tmp_path / "optuna.db")  # no saved state: killed before Tune's first save
