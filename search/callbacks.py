@@ -2,9 +2,10 @@
 store (search/results.py) from the process that drives the run, never from the workers.
 
 - `TrainResultsCallback` (Ray Train, in the controller of `msa-search train`): rank 0's report
-  -> results store + the epoch log the CLI prints progress from.
+  -> results store + the epoch log the CLI prints progress from; the last epoch's compacts it.
 - `TuneResultsCallback` (Ray Tune, in the `msa-search tune` driver): each trial's report ->
-  results store + its sampled parameters; failed trials -> failures.jsonl.
+  results store + its sampled parameters; failed trials -> failures.jsonl; a trial that ends,
+  finished, stopped or failed, is compacted in the store.
 
 Both are plain module-level classes holding only paths and the base config: Ray pickles the
 Tune callbacks with the experiment and brings them back on `Tuner.restore`.
@@ -16,13 +17,14 @@ import time
 from pathlib import Path
 
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.train import UserCallback
 
 from data_pipeline.atomic import OutputWriteError, atomic_file, location_fault, writing
 
 from .config import ExperimentConfig
 from .layout import Layout
-from .results import ResultsStore, RunInfo, reported_results
+from .results import ResultsStore, RunInfo, compact_finished_trial, reported_results
 from .shared_data import DATA_PRIVATE_MB
 
 
@@ -30,6 +32,7 @@ class TrainResultsCallback(UserCallback):
     def __init__(self, run_dir: Path, run_id: str, cfg: ExperimentConfig):
         self.layout = Layout(run_dir).with_config(cfg)  # results in output.storage when set
         self.run = RunInfo.of(run_dir.name, run_id, cfg)
+        self.epochs = cfg.train.epochs
         self.started = time.time()
 
     def after_report(self, run_context, metrics, checkpoint):
@@ -39,6 +42,10 @@ class TrainResultsCallback(UserCallback):
         epoch = int(report["epoch"])
         ResultsStore(self.layout.results).append(self.run, epoch, reported_results(report),
                                                  time.time() - self.started)
+        if epoch + 1 >= self.epochs:
+            # The run's last epoch: Ray Train 2.60's UserCallback has no hook at the end of a
+            # run (after_report and after_exception only), so its parts become one file here.
+            compact_finished_trial(self.layout.results, self.run.trial_id)
         line = {"epoch": epoch, "robust_f1": report["robust_f1"], "objective": report["objective"],
                 "checkpoint": checkpoint is not None,
                 **{k: v for k, v in report.items() if k.startswith(("mask_fingerprint/", "time/"))},
@@ -69,6 +76,10 @@ class TuneResultsCallback(tune.Callback):
         anew under another id (search/strategy.py hands it the same Optuna trial)."""
         known = {t.trial_id for t in trials}
         ResultsStore(self.layout.results).remove_trials_except(known)
+        # A trial that ended just before the crash, its compaction not yet done: done now.
+        for trial in trials:
+            if trial.status in (Trial.TERMINATED, Trial.ERROR):
+                compact_finished_trial(self.layout.results, trial.trial_id)
         if self.layout.trial_params_dir.is_dir():
             for params_file in self.layout.trial_params_dir.glob("*.json"):
                 if params_file.stem not in known:
@@ -87,7 +98,13 @@ class TuneResultsCallback(tune.Callback):
         ResultsStore(self.layout.results).append(run, int(result["epoch"]), reported_results(result),
                                                  time.time() - self.started)
 
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        # Called once a trial reports no more: after its last epoch, and when the scheduler
+        # stops it (ASHA; Ray 2.60's TuneController.stop_trial calls this hook for both).
+        compact_finished_trial(self.layout.results, trial.trial_id)
+
     def on_trial_error(self, iteration, trials, trial, **info):
+        compact_finished_trial(self.layout.results, trial.trial_id)
         reason = failure_reason(trial)
         # A trial failing while the experiment's disk is full or read-only (its checkpoint
         # could not be saved there): every next trial would fail alike, its results lost, so

@@ -282,7 +282,7 @@ def _print_status(exp: Path) -> None:
     from .objective import held_out_patterns
     from .report_data import text_missing_note
 
-    layout, cfg, df = load_experiment(exp)
+    layout, cfg, df = load_experiment(exp, hparams=False)  # configs come from the params files
     states = trial_states(layout)
     console.print("study: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no trials yet"))
     if df.empty:

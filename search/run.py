@@ -20,7 +20,7 @@ from data_pipeline.source import prepare_store
 
 from .config import ExperimentConfig
 from .layout import Layout
-from .results import EpochReport, ResultsStore, RunInfo
+from .results import EpochReport, ResultsStore, RunInfo, compact_finished_trial
 from .storage import check_location
 from .devices import in_process_device
 from .trainer import TrainState, build_state, checkpoint_due, fit, save_state
@@ -95,4 +95,5 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
     with progress if show_progress else nullcontext():
         task = progress.add_task(f"train {cfg.model.name}", total=cfg.train.epochs, info="")
         state = fit(cfg, splits, device=device, on_epoch=on_epoch, on_step=on_step, state=state)
+    compact_finished_trial(layout.results, run.trial_id)
     return state, layout.root

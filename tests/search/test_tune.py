@@ -59,6 +59,9 @@ def test_six_trials_write_study_results_and_only_the_nan_trial_fails(experiment)
     assert all(epochs == [0, 1] for epochs in per_trial_epochs(df))
     assert len(df) == 5 * 2 * 2 * 16
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
+    # Each trial that ended was compacted into one file: no part is left.
+    files = sorted(p.name for p in (experiment / "results").iterdir())
+    assert len(files) == 5 and all(f.startswith("trial-") for f in files), files
     # Every trial's sampled values are in its rows, so results can be sliced by hyperparameter.
     assert df.groupby("trial_id")["hp.train.lr"].nunique().eq(1).all() and df["hp.train.lr"].nunique() == 5
 
@@ -81,6 +84,7 @@ def test_export_then_train_reproduces_the_exported_metrics(experiment, tmp_path)
     trial_id = text.split(" trial ")[1].split()[0]
     train_in_process(cfg, show_progress=False)
     retrained = ResultsStore(tmp_path / "retrain" / "results").read()
+    assert [p.name[:6] for p in (tmp_path / "retrain" / "results").iterdir()] == ["trial-"], "compacted at the end"
     original = ResultsStore(experiment / "results").read()
     original = original[(original.trial_id == trial_id) & (original.epoch == cfg.train.epochs - 1)]
     retrained = retrained[retrained.epoch == cfg.train.epochs - 1]
