@@ -1,15 +1,37 @@
-"""Benchmark: Optuna TPE + ASHA against sequential random search (what MMSA's tune mode
-does) on the same synthetic data and the same total trial-epoch budget, 3 seeds each.
+"""Benchmark: how fast each search strategy finds a good configuration, at one trial-epoch budget.
 
-    python bench/search_efficiency.py [--budget 24] [--epochs 3] [--target 0.80] [--seeds 0,1,2]
+    python bench/search_efficiency.py [--budget 60] [--epochs 6] [--seeds 0,1,2,3,4]
+        [--methods tpe+asha,tpe-mv-cl+asha,random+asha,random-sequential] [--target auto]
+        [--config configs/quick.yaml] [--set KEY=VALUE ...]
 
-For each run: wall time until some trial's validation robust_f1 first reached `--target`
-(from the results store's wall-clock column), and the best robust_f1 at the end.
+Each method searches `--config`'s space on the same data with the same budget
+(`search.max_trial_epochs`), the methods interleaved per seed:
+
+- tpe+asha: Optuna TPE (its defaults) + ASHA, search.max_concurrent trials at once (the
+  product's way);
+- tpe-mv-cl+asha: the same with multivariate TPE and a constant liar for running trials;
+- tpe-mv-cl-s4+asha: that, with 4 random startup trials instead of 10;
+- random+asha: random sampling + ASHA, concurrent;
+- random-sequential: random sampling, every trial to the end, one at a time on the whole
+  machine (cpus_per_trial and train.threads = all CPUs): what MMSA's tune mode does.
+
+Per run, from the results store: the validation objective of every reported (trial, epoch)
+in the order reported, its running best, and when it first reached the target: in seconds
+(from the results callback's start, just after the data is prepared: the same offset for
+every method) and in trial-epochs spent (load-independent). `--target auto`: the lowest of
+the methods' median best objectives, so each method reaches it in at least half its seeds.
+
+Prints `name=value` lines: one `run` line per search, then per method the median and range
+over seeds of time_to_target_s, trial_epochs_to_target, best and wall_s, and each method's
+speedup in median time to target over random-sequential.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -18,56 +40,125 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search.config import load_config  # noqa: E402
+from search.export import stored_pattern_metrics  # noqa: E402
+from search.objective import objective_mode, objective_value  # noqa: E402
 from search.results import ResultsStore  # noqa: E402
 from search.tune import run_experiment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+CPUS = os.cpu_count() or 1
 METHODS = {
-    "tpe+asha": ["search.sampler=tpe", "search.scheduler=asha", "search.max_concurrent=2"],
-    "random-sequential": ["search.sampler=random", "search.scheduler=none", "search.max_concurrent=1"],
+    "tpe+asha": ["search.sampler=tpe", "search.scheduler=asha"],
+    "tpe-mv-cl+asha": ["search.sampler=tpe", "search.scheduler=asha", "search.tpe.multivariate=true",
+                       "search.tpe.constant_liar=true"],
+    "tpe-mv-cl-s4+asha": ["search.sampler=tpe", "search.scheduler=asha", "search.tpe.multivariate=true",
+                          "search.tpe.constant_liar=true", "search.tpe.n_startup_trials=4"],
+    "random+asha": ["search.sampler=random", "search.scheduler=asha"],
+    "random-sequential": ["search.sampler=random", "search.scheduler=none", "search.max_concurrent=1",
+                          f"search.cpus_per_trial={CPUS}", f"train.threads={CPUS}"],
 }
+SEQUENTIAL = "random-sequential"
 
 
-def objective_by_epoch(exp: Path, patterns: list[str]):
-    df = ResultsStore(exp / "results").read()
-    valid = df[(df.split == "valid") & (df.pattern.isin(patterns))]
-    return valid.groupby(["trial_id", "epoch"]).agg(robust_f1=("f1_non0", "mean"), wall=("wall_time_s", "max"))
+def objective_curve(exp: Path, cfg) -> list[tuple[float, float]]:
+    """(seconds since the search's results callback started, objective) of every reported
+    (trial, epoch), in the order reported."""
+    df = ResultsStore(exp / "results").read(hparams=False)
+    valid = df[df.split == "valid"]
+    points = [(float(rows.wall_time_s.max()),
+               objective_value(stored_pattern_metrics(rows), cfg.search.objective, cfg.search.objective_patterns))
+              for _, rows in valid.groupby(["trial_id", "epoch"])]
+    return sorted(points)
+
+
+def reached(curve: list[tuple[float, float]], target: float, sign: float) -> tuple[float, float]:
+    """(seconds, trial-epochs) until the objective first reached `target`; inf if never."""
+    for spent, (seconds, value) in enumerate(curve, start=1):
+        if sign * value >= sign * target:
+            return seconds, float(spent)
+    return math.inf, math.inf
+
+
+def summary(values: list[float], counted: bool = False) -> str:
+    """Median (range), and with `counted` how many are finite (reached the target)."""
+    finite = [v for v in values if math.isfinite(v)]
+    span = f"{min(finite):.4g}-{max(finite):.4g}" if finite else "none"
+    reached_count = f"; reached {len(finite)}/{len(values)}" if counted else ""
+    return f"{statistics.median(values):.4g} ({span}{reached_count})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=24, help="trial-epochs per search")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--target", type=float, default=0.80)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--budget", type=int, default=60, help="trial-epochs per search")
+    parser.add_argument("--epochs", type=int, default=6, help="train.epochs (ASHA's max_t)")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--methods", default="tpe+asha,tpe-mv-cl+asha,random+asha,random-sequential")
+    parser.add_argument("--target", default="auto", help="an objective value, or auto (see above)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "quick.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"budget={args.budget} epochs={args.epochs} seeds={args.seeds} cpus={CPUS} config={args.config} "
+          f"set={' '.join(args.set) or '-'}", flush=True)
+
     tmp = Path(tempfile.mkdtemp(prefix="msa-search-eff-"))
-    print(f"budget={args.budget} trial-epochs, epochs/trial={args.epochs}, target robust_f1={args.target}")
-    print(f"{'method':18s} {'seed':>4s} {'trials':>6s} {'time_to_target_s':>16s} {'best_robust_f1':>14s} {'wall_s':>7s}")
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
     try:
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            for method, overrides in METHODS.items():
+        for seed in seeds:
+            for method in methods:
+                import ray
+
                 exp = tmp / f"{method}-{seed}"
-                cfg = load_config(args.config, [*overrides, f"search.seed={seed}", f"train.epochs={args.epochs}",
-                                                f"search.max_trial_epochs={args.budget}",
-                                                f"search.num_samples={args.budget}", f"output.dir={exp}",
-                                                "search.time_budget_s=null"])
-                if method == "random-sequential":
-                    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(
-                        update={"num_samples": args.budget // args.epochs})})
+                overrides = [*args.set, *METHODS[method], f"search.seed={seed}", f"train.epochs={args.epochs}",
+                             f"search.max_trial_epochs={args.budget}", "search.time_budget_s=null",
+                             f"output.dir={exp}",
+                             # every trial to the end: the budget's worth of whole trials
+                             f"search.num_samples={args.budget // args.epochs if method == SEQUENTIAL else args.budget}"]
+                cfg = load_config(args.config, overrides)
                 start = time.perf_counter()
                 run_experiment(cfg)
                 wall = time.perf_counter() - start
-                table = objective_by_epoch(exp, cfg.search.objective_patterns)
-                reached = table[table.robust_f1 >= args.target]
-                to_target = f"{reached.wall.min():.0f}" if len(reached) else "not reached"
-                print(f"{method:18s} {seed:4d} {table.index.get_level_values(0).nunique():6d} {to_target:>16s} "
-                      f"{table.robust_f1.max():14.4f} {wall:7.0f}", flush=True)
-                import ray
                 ray.shutdown()
+                curve = objective_curve(exp, cfg)
+                best = max(v for _, v in curve) if objective_mode(cfg.search.objective) == "max" \
+                    else min(v for _, v in curve)
+                runs[method].append({"seed": seed, "curve": curve, "best": best, "wall": wall,
+                                     "sign": 1.0 if objective_mode(cfg.search.objective) == "max" else -1.0})
+                print(f"run method={method} seed={seed} trials={exp_trials(exp)} trial_epochs={len(curve)} "
+                      f"best={best:.4f} wall_s={wall:.1f}", flush=True)
+                shutil.rmtree(exp, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+    sign = next(iter(runs.values()))[0]["sign"]
+    if args.target == "auto":
+        medians = [statistics.median(r["best"] for r in rs) for rs in runs.values()]
+        target = min(medians) if sign > 0 else max(medians)
+    else:
+        target = float(args.target)
+    print(f"target={target:.4f}")
+    time_medians = {}
+    for method, rs in runs.items():
+        hits = [reached(r["curve"], target, sign) for r in rs]
+        seconds = [h[0] for h in hits]
+        time_medians[method] = statistics.median(seconds)
+        print(f"{method}.time_to_target_s={summary(seconds, counted=True)}")
+        print(f"{method}.trial_epochs_to_target={summary([h[1] for h in hits], counted=True)}")
+        print(f"{method}.best={summary([r['best'] for r in rs])}")
+        print(f"{method}.wall_s={summary([r['wall'] for r in rs])}")
+    if SEQUENTIAL in time_medians:
+        for method, median in time_medians.items():
+            if method != SEQUENTIAL:
+                print(f"{method}.speedup_vs_sequential={time_medians[SEQUENTIAL] / median:.2f}")
+
+
+def exp_trials(exp: Path) -> int:
+    df = ResultsStore(exp / "results").read(hparams=False)
+    return int(df.trial_id.nunique())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
                                     [--variants every,improved,improved+fresh] [--set KEY=VALUE ...]
 
 Runs the search of `--config` (default `make run`'s) once per variant (a train.eval_test
-value; `+fresh`: each trial in a new process, Tune's reuse_actors off) per round, the
+value; `+fresh`: each trial in a new process, Tune's reuse_actors off; `+cold`: Ray's workers
+without search/ray_setup.py's import hook) per round, the
 variants interleaved, each on a Ray cluster started before its timing
 (`ray_start_s` is that start alone). From Tune's per-trial result.json files and the results
 store, per run:
@@ -73,11 +74,25 @@ def fresh_processes():
         tune.TuneConfig = original
 
 
-def measure(cfg, exp: Path, fresh: bool) -> dict[str, float]:
+@contextmanager
+def cold_workers():
+    """Ray's workers without search/ray_setup.py's import hook, as before it."""
+    from search import ray_setup
+
+    original = dict(ray_setup.WARM_WORKERS)
+    ray_setup.WARM_WORKERS.clear()
+    try:
+        yield
+    finally:
+        ray_setup.WARM_WORKERS.update(original)
+
+
+def measure(cfg, exp: Path, fresh: bool, cold: bool) -> dict[str, float]:
     import ray
 
     started = time.perf_counter()
-    ensure_ray(None)
+    with cold_workers() if cold else nullcontext():
+        ensure_ray(None)
     ray_start = time.perf_counter() - started
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrency = min(cfg.search.max_concurrent, int(cpus // cfg.search.cpus_per_trial) or 1)
@@ -117,7 +132,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "quick.yaml"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default="every,improved,improved+fresh",
-                        help="train.eval_test values, comma-separated; +fresh: reuse_actors off")
+                        help="train.eval_test values, comma-separated; +fresh: reuse_actors off; "
+                             "+cold: workers without the import hook")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="msa-search-overhead-"))
@@ -126,9 +142,9 @@ def main() -> None:
         for round_ in range(args.rounds):
             for variant in args.variants.split(","):
                 exp = tmp / f"{variant}-{round_}"
-                eval_test, _, fresh = variant.partition("+")
+                eval_test, *flags = variant.split("+")
                 cfg = load_config(args.config, [*args.overrides, f"train.eval_test={eval_test}", f"output.dir={exp}"])
-                figures = measure(cfg, exp, fresh == "fresh")
+                figures = measure(cfg, exp, fresh="fresh" in flags, cold="cold" in flags)
                 runs.setdefault(variant, []).append(figures)
                 print(f"round={round_} variant={variant} "
                       + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()),

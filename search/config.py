@@ -106,6 +106,19 @@ class TrainConfig(BaseModel):
         return self.eval_batch_size or max(self.batch_size, floor)
 
 
+class TPEConfig(BaseModel):
+    """Options of Optuna's TPE sampler (search.sampler: tpe); Optuna's own defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Random trials before TPE models the results.
+    n_startup_trials: int = Field(10, ge=0)
+    # One joint density over all parameters instead of one per parameter (loss weights interact).
+    multivariate: bool = False
+    # Trials still running count as if they had scored badly, so concurrent trials spread out.
+    constant_liar: bool = False
+
+
 class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -119,6 +132,7 @@ class SearchConfig(BaseModel):
     # robust_f1]): Optuna optimizes all, export writes the Pareto front; needs scheduler none.
     objectives: list[str] = Field(default_factory=list)
     sampler: Literal["tpe", "random", "cmaes", "nsga2"] = "tpe"
+    tpe: TPEConfig = Field(default_factory=TPEConfig)
     scheduler: Literal["asha", "pbt", "none"] = "asha"
     # PBT: epochs between exploit/explore steps (loss weights and GRL lambda_max mutate).
     pbt_interval: int = Field(1, ge=1)

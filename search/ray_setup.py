@@ -19,6 +19,13 @@ from .shared_data import SharedSplits
 # from the environment: RAY_worker_niceness=0.)
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
+# Each worker process of a private local cluster imports the training code as it starts. Ray
+# starts a few workers with the cluster and makes Tune's trial processes from them, so torch
+# and the models are imported while the driver still prepares the data and the study, not
+# when the first trials start (bench/search_overhead.py: head_s, and its +cold variant).
+WARM_WORKERS = {"worker_process_setup_hook": "search.warm_workers.import_training"}
+
+
 # Checkpoints a Ray Train run keeps: the newest, and the one before it in case the newest
 # is cut short while it is being persisted.
 CHECKPOINTS_KEPT = 2
@@ -43,7 +50,7 @@ def ensure_ray(address: str | None) -> None:
         # port runs any command it is sent (CVE-2023-48022); tests/cluster/test_private_cluster.py
         # checks that it refuses a request without the token. What listens where: README, "Cluster".
         ray.init(address="local", log_to_driver=False, dashboard_host="127.0.0.1",
-                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+                 _system_config=LOCAL_RAY_SYSTEM_CONFIG, runtime_env=WARM_WORKERS)
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:

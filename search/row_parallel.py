@@ -157,7 +157,10 @@ def row_parallel_backward(
             for more in grads[1:]:
                 grad = grad + more
             if param.grad is None:
-                param.grad = grad
+                # In the parameter's layout, as .backward() leaves it: torch 2.13's fused AdamW
+                # on CPU reads a gradient as laid out like its parameter, so a transposed one (an
+                # op's backward, or vmap's, may return one) would update the wrong elements.
+                param.grad = grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
             else:
                 param.grad.add_(grad)
     terms = {k: sum(r[0][k] for r in results) for k in results[0][0]}

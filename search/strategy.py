@@ -21,7 +21,8 @@ def searcher(cfg: ExperimentConfig, layout: Layout):
 
     samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                 "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}
-    sampler = samplers[cfg.search.sampler](seed=cfg.search.seed)
+    options = cfg.search.tpe.model_dump() if cfg.search.sampler == "tpe" else {}
+    sampler = samplers[cfg.search.sampler](seed=cfg.search.seed, **options)
     storage = study_storage(layout)
     if cfg.search.objectives:
         metric = [f"{OBJECTIVE}/{name}" for name in cfg.search.objectives]

@@ -131,3 +131,20 @@ def test_full_size_configs_build_their_models_with_the_datasets_defaults(model, 
             assert sum(t.numel() for t in built.parameters()) == 6_483_012  # the reference's
     else:
         assert cfg.missing.train_mode == "mixture" and weights == entry.loss_terms
+
+
+def test_tpe_options_reach_the_sampler(tmp_path):
+    import warnings
+
+    from search.layout import Layout
+    from search.strategy import searcher
+
+    cfg = ExperimentConfig.model_validate({"search": {"tpe": {"multivariate": True, "constant_liar": True,
+                                                              "n_startup_trials": 4}}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks both options experimental
+        sampler = searcher(cfg, Layout(tmp_path)).searcher._sampler
+    # Private attributes of Optuna 4's TPESampler: a contract on its internals.
+    assert (sampler._multivariate, sampler._constant_liar, sampler._n_startup_trials) == (True, True, 4)
+    with pytest.raises(Exception, match="search.tpe.greedy"):
+        load_config(Path(__file__).resolve().parents[2] / "configs" / "quick.yaml", ["search.tpe.greedy=true"])

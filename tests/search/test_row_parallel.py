@@ -172,3 +172,43 @@ def test_explicit_chunks_that_would_change_the_math_are_refused(model, train, re
     device = torch.device(cfg.train.device)
     with pytest.raises(MsaSearchError, match=f"train.batch_chunks: 2 is not possible here: {reason}"):
         resolve_chunks(cfg, get_model(cfg.model.name), device)
+
+
+class _TransposedGradient(torch.autograd.Function):
+    """Identity whose backward returns the gradient as a transposed view (the same values)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return w.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.t().contiguous().t()
+
+
+def test_a_gradient_in_another_layout_trains_as_with_backward(train_split):
+    """Fused AdamW reads a gradient as laid out like its parameter: the chunked backward must
+    hand it one in that layout, as .backward() does."""
+    cfg = cfg_for()
+    rows = batch_rows(len(train_split), 48, shuffle=True, seed=0, epoch=0)[0]
+    batch = make_batch(train_split, rows, cfg.missing.training(), seed=1, epoch=0)
+
+    def trained_weight(chunks: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+
+        def loss_fn(part):
+            weight = _TransposedGradient.apply(model.weight)
+            total = (part.label[:, None, None] * weight).square().mean()
+            return {"total": total}, total
+
+        if chunks == 1:
+            loss_fn(batch)[1].backward()
+        else:
+            row_parallel.row_parallel_backward(model, batch, chunks, 1.0, loss_fn)
+            assert model.weight.grad.stride() == model.weight.stride()
+        optimizer.step()
+        return model.weight.detach().clone()
+
+    torch.testing.assert_close(trained_weight(2), trained_weight(1), rtol=1e-5, atol=1e-6)
