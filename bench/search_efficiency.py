@@ -60,15 +60,15 @@ METHODS = {
 SEQUENTIAL = "random-sequential"
 
 
-def objective_curve(exp: Path, cfg) -> list[tuple[float, float]]:
+def objective_curve(exp: Path, cfg) -> tuple[list[tuple[float, float]], int]:
     """(seconds since the search's results callback started, objective) of every reported
-    (trial, epoch), in the order reported."""
+    (trial, epoch), in the order reported; and how many trials reported."""
     df = ResultsStore(exp / "results").read(hparams=False)
     valid = df[df.split == "valid"]
     points = [(float(rows.wall_time_s.max()),
                objective_value(stored_pattern_metrics(rows), cfg.search.objective, cfg.search.objective_patterns))
               for _, rows in valid.groupby(["trial_id", "epoch"])]
-    return sorted(points)
+    return sorted(points), int(df.trial_id.nunique())
 
 
 def reached(curve: list[tuple[float, float]], target: float, sign: float) -> tuple[float, float]:
@@ -123,12 +123,11 @@ def main() -> None:
                 run_experiment(cfg)
                 wall = time.perf_counter() - start
                 ray.shutdown()
-                curve = objective_curve(exp, cfg)
-                best = max(v for _, v in curve) if objective_mode(cfg.search.objective) == "max" \
-                    else min(v for _, v in curve)
-                runs[method].append({"seed": seed, "curve": curve, "best": best, "wall": wall,
-                                     "sign": 1.0 if objective_mode(cfg.search.objective) == "max" else -1.0})
-                print(f"run method={method} seed={seed} trials={exp_trials(exp)} trial_epochs={len(curve)} "
+                curve, trials = objective_curve(exp, cfg)
+                sign = 1.0 if objective_mode(cfg.search.objective) == "max" else -1.0
+                best = sign * max(sign * v for _, v in curve)
+                runs[method].append({"seed": seed, "curve": curve, "best": best, "wall": wall, "sign": sign})
+                print(f"run method={method} seed={seed} trials={trials} trial_epochs={len(curve)} "
                       f"best={best:.4f} wall_s={wall:.1f}", flush=True)
                 shutil.rmtree(exp, ignore_errors=True)
     finally:
@@ -154,11 +153,6 @@ def main() -> None:
         for method, median in time_medians.items():
             if method != SEQUENTIAL:
                 print(f"{method}.speedup_vs_sequential={time_medians[SEQUENTIAL] / median:.2f}")
-
-
-def exp_trials(exp: Path) -> int:
-    df = ResultsStore(exp / "results").read(hparams=False)
-    return int(df.trial_id.nunique())
 
 
 if __name__ == "__main__":

@@ -59,6 +59,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     math kernel (what it runs with dropout) written out, as it draws from the global generator."""
     if dropout_p == 0 or getattr(_drawing, "generator", None) is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return written_attention(q, k, v, mask, dropout_p, scale)
+
+
+def written_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                      dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """SDPA's CPU math kernel written out (matmuls, softmax, `_dropout`): what `attend` runs
+    under a generator, and what search/population.py runs under vmap."""
     root = math.sqrt(q.shape[-1] ** -0.5 if scale is None else scale)  # on q and k, as that kernel
     weights = (q * root) @ (k * root).transpose(-2, -1)  # (B, h, N, M)
     if mask is not None:  # finite: a query with no key gets no NaN (every query here has one)

@@ -75,11 +75,13 @@ class TuneResultsCallback(tune.Callback):
         after its last save of its state, before a crash. The resumed search starts that trial
         anew under another id (search/strategy.py hands it the same Optuna trial)."""
         known = {t.trial_id for t in trials}
-        ResultsStore(self.layout.results).remove_trials_except(known)
-        # A trial that ended just before the crash, its compaction not yet done: done now.
-        for trial in trials:
-            if trial.status in (Trial.TERMINATED, Trial.ERROR):
-                compact_finished_trial(self.layout.results, trial.trial_id)
+        store = ResultsStore(self.layout.results)
+        store.remove_trials_except(known)
+        # A trial that ended just before the crash, its compaction not yet done: done now (one
+        # listing finds them; most ended trials were compacted when they ended).
+        ended = [t.trial_id for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR)]
+        for trial_id in store.trials_with_parts(ended):
+            compact_finished_trial(self.layout.results, trial_id)
         if self.layout.trial_params_dir.is_dir():
             for params_file in self.layout.trial_params_dir.glob("*.json"):
                 if params_file.stem not in known:

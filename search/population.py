@@ -54,6 +54,7 @@ from models.layers import grl_coefficient
 
 from .config import ExperimentConfig
 from .optim import OptimizerStep
+from .results import flatten
 from .row_parallel import row_parallel_backward, step_generators
 from .trainer import TrainState, TrainingDiverged, build_state, epoch_weights
 
@@ -80,7 +81,7 @@ def check_members(cfgs: list[ExperimentConfig]) -> None:
     option the stacked step does not support."""
     if not cfgs:
         raise ValueError("a population needs at least one member config")
-    shared = [_flatten({s: cfg.model_dump()[s] for s in _SHARED_SECTIONS}) for cfg in cfgs]
+    shared = [flatten({s: cfg.model_dump()[s] for s in _SHARED_SECTIONS}) for cfg in cfgs]
     for i, flat in enumerate(shared[1:], start=1):
         for key in sorted(set(flat) | set(shared[0])):
             if not key.startswith(MEMBER_KEYS) and flat.get(key) != shared[0].get(key):
@@ -96,16 +97,6 @@ def check_members(cfgs: list[ExperimentConfig]) -> None:
         raise ValueError("population: only features text input, fp32 and in-process training (train.workers: 0)")
     if cfg.train.grad_accum != 1:
         raise ValueError("population: train.grad_accum must be 1 (every step updates every member)")
-
-
-def _flatten(node: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class Population:
@@ -264,8 +255,5 @@ def _member_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, s
     if not (_in_step() and getattr(_member, "math_attention", False)) or is_causal or kwargs:
         return _originals["sdpa"](q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                   scale=scale, **kwargs)
-    root = math.sqrt(q.shape[-1] ** -0.5 if scale is None else scale)  # on q and k, as models.dropout.attend
-    weights = (q * root) @ (k * root).transpose(-2, -1)  # (B, h, N, M)
-    if attn_mask is not None:  # boolean, True = attend (layers.py); finite, as models.dropout.attend
-        weights = weights.masked_fill(~attn_mask, torch.finfo(weights.dtype).min)
-    return _member_dropout(weights.softmax(dim=-1), dropout_p) @ v
+    # Its dropout is models.dropout._dropout, which stacked_ops has made _member_dropout.
+    return models.dropout.written_attention(q, k, v, attn_mask, dropout_p, scale)

@@ -270,6 +270,11 @@ class ResultsStore:
             self.fs.delete_file(path)
         return len(parts)
 
+    def trials_with_parts(self, trial_ids) -> list[str]:
+        """Those of `trial_ids` with parts in the store (never compacted, or reported since)."""
+        parts = self._listing().parts
+        return [trial_id for trial_id in trial_ids if _safe(trial_id) in parts]
+
     def remove_trials_except(self, trial_ids) -> int:
         """Remove the rows of every trial not in `trial_ids`; returns how many files went. A
         resumed search calls it with the trials Tune restored: one that reported after Tune's
