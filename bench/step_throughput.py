@@ -20,13 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.loader import SplitTensors, batch_rows, make_batch  # noqa: E402
+from bench.step_timing import samples_per_s, training_setup  # noqa: E402
+from data_pipeline.loader import SplitTensors, make_batch  # noqa: E402
 from data_pipeline.missing import default_eval_grid, parse_pattern  # noqa: E402
-from data_pipeline.synth import synthesize  # noqa: E402
-from search.config import ExperimentConfig, apply_override  # noqa: E402
 from search.evaluate import predict_patterns  # noqa: E402
-from search.row_parallel import eval_streams, resolve_chunks, step_generators  # noqa: E402
-from search.trainer import build_state, forward_backward  # noqa: E402
+from search.row_parallel import eval_streams, one_thread_between_chunks, resolve_chunks, step_generators  # noqa: E402
+from search.trainer import forward_backward  # noqa: E402
 
 
 def main() -> None:
@@ -45,24 +44,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    raw = {"model": {"name": args.model, "dropout": args.dropout},
-           "train": {"batch_size": args.batch_size, "epochs": 1, "batch_chunks": args.batch_chunks}}
-    for assignment in args.set:
-        apply_override(raw, assignment)
-    cfg = ExperimentConfig.model_validate(raw)
-    data = synthesize(args.shape, seed=0, scale=0.3)
-    train = SplitTensors.from_arrays(data.spec, "train", data.split("train"))
-    state = build_state(cfg, train, torch.device("cpu"))
-    model, optimizer = state.model, state.optimizer
+    setup = training_setup(args.model, args.shape, args.batch_size, args.dropout, args.batch_chunks, args.set)
+    cfg, state, model, optimizer = setup.cfg, setup.state, setup.state.model, setup.state.optimizer
     n_params = sum(p.numel() for p in model.parameters())
-    missing = cfg.missing.training()
-    rows = batch_rows(len(train), args.batch_size, shuffle=True, seed=0, epoch=0)
-    rows = [r for r in rows if len(r) == args.batch_size]
-
     chunks = resolve_chunks(cfg, state.entry, torch.device("cpu"))
 
     def step(i: int) -> None:  # the training loop's step (search/trainer.py)
-        batch = make_batch(train, rows[i % len(rows)], missing, seed=1, epoch=0)
+        batch = make_batch(setup.train, setup.rows[i % len(setup.rows)], setup.missing, seed=1, epoch=0)
         forward_backward(model, model, batch, state.weights, 0.5, chunks=chunks,
                          generators=step_generators(cfg.train.seed, 0, i, chunks))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -70,17 +58,10 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
-    step(0)  # warm-up (allocator, lazy init)
-    first = time.perf_counter()
-    step(1)
-    per_step = time.perf_counter() - first
-    n_steps = args.train_steps or max(3, int(20.0 / max(per_step, 1e-3)))
-    start = time.perf_counter()
-    for i in range(n_steps):
-        step(i + 2)
-    train_rate = n_steps * args.batch_size / (time.perf_counter() - start)
+    with one_thread_between_chunks(chunks):  # as the training loop
+        train_rate, n_steps = samples_per_s(step, args.batch_size, args.train_steps)
 
-    test = SplitTensors.from_arrays(data.spec, "test", data.split("test"))
+    test = SplitTensors.from_arrays(setup.data.spec, "test", setup.data.split("test"))
     n_eval = min(args.eval_samples, len(test))
     sub = SplitTensors(spec=test.spec, split="test", ids=test.ids[:n_eval], keys=test.keys[:n_eval],
                        labels=test.labels[:n_eval], features={m: t[:n_eval] for m, t in test.features.items()},

@@ -38,10 +38,9 @@ QKVNorms = Literal["shared", "separate"]
 class Attention(nn.Module):
     """Multi-head attention with inner width heads * dim_head (may exceed dim, as in LNLN).
 
-    q/k/v projections share one weight so self-attention is a single matmul; cross-attention
-    and query-truncated self-attention use row slices of the same weight (views, no copy).
-    `affine`: the q/k/v LayerNorms' gains and shifts, (3, d) each, folded into the
-    projections (the input is then normalised without affine): W (g * n + b) = (W g) n + W b.
+    q/k/v projections share one weight (rows q; k; v), so self-attention over one normalised
+    input is a single matmul; cross-attention, query-truncated self-attention and inputs
+    normalised apart (qkv_norms "separate") use row slices of the same weight (views, no copy).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
@@ -56,59 +55,58 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, query_len: int | None = None,
-                affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, N, d) already normalized; context (B, M, d) or None for self-attention;
-        mask broadcastable to (B, heads, N, M), bool; query_len keeps only the first queries."""
-        h, dh = self.heads, self.dim_head
-        weight, bias = self._projection(affine)
-        # With dropout the attention rows no longer sum to one, so a folded value shift would
-        # not pass through the weighting unchanged: take the plain path then.
-        exact_absorb = bias is None or not (self.training and self.dropout > 0)
-        if context is None and query_len is not None and query_len < self._absorb_below and exact_absorb:
-            return self._absorbed(x[:, :query_len], x, mask, weight, bias)
-        if context is None and query_len is None:
-            q, k, v = F.linear(x, weight, bias).unflatten(-1, (3, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
+                values: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, d) normalised, the queries' source; context (B, M, d) the keys' and values'
+        source, None for self-attention over x; values (B, M, d): the values' own source where
+        it is normalised apart from the keys' (then context is the keys'). mask broadcastable
+        to (B, heads, N, M), bool; query_len keeps only the first queries."""
+        h = self.heads
+        keys = x if context is None else context
+        values = keys if values is None else values
+        # With dropout, separate norms take the few-query path on CPU only: there it draws the
+        # plain path's mask (its (B, 1, heads * T, N) weights are laid out as (B, heads, T, N));
+        # CUDA kernels seed their masks by position within a head.
+        same_draws = not (self.training and self.dropout > 0) or values is keys or x.device.type == "cpu"
+        if query_len is not None and query_len < self._absorb_below and same_draws:
+            return self._absorbed(x[:, :query_len], keys, values, mask)
+        queries = x if query_len is None else x[:, :query_len]
+        if queries is keys and keys is values:  # one source: one matmul
+            q, k, v = split_heads(F.linear(x, self.to_qkv.weight), 3, h)
+        elif keys is values:
+            w_q, w_kv = self.to_qkv.weight.split([self.inner, 2 * self.inner])
+            (q,) = split_heads(F.linear(queries, w_q), 1, h)
+            k, v = split_heads(F.linear(keys, w_kv), 2, h)
         else:
-            source = x if context is None else context
-            queries = x if query_len is None else x[:, :query_len]
-            w_q, w_kv = weight.split([self.inner, 2 * self.inner])
-            b_q, b_kv = (None, None) if bias is None else bias.split([self.inner, 2 * self.inner])
-            q = F.linear(queries, w_q, b_q).unflatten(-1, (h, dh)).transpose(1, 2)  # (B, h, N, dh)
-            k, v = F.linear(source, w_kv, b_kv).unflatten(-1, (2, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
+            w_q, w_k, w_v = self.to_qkv.weight.split(self.inner)
+            q, k, v = (split_heads(F.linear(t, w), 1, h)[0] for t, w in ((queries, w_q), (keys, w_k), (values, w_v)))
         out = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, d)
 
-    def _projection(self, affine):
-        """to_qkv's weight, and a bias, with the q/k/v norms' affine folded in (or none)."""
-        if affine is None:
-            return self.to_qkv.weight, None
-        gain, shift = affine  # (3, d) each: q, k, v
-        w = self.to_qkv.weight.view(3, self.inner, -1)  # (3, inner, d)
-        weight = (w * gain[:, None, :]).flatten(0, 1)
-        bias = torch.einsum("kid,kd->ki", w, shift).flatten()
-        return weight, bias
-
-    def _absorbed(self, queries: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None,
-                  weight: torch.Tensor, bias: torch.Tensor | None):
+    def _absorbed(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
         """Same attention for a few queries without projecting the N keys and values.
 
         q.k = (W_k^T q).x and the value mix is (attn . x) W_v^T, so folding W_k into the
         queries and applying W_v after the weighting lets every head attend over the
-        normalized source itself: one SDPA with heads * T queries of width d. This costs
+        normalized sources themselves: one SDPA with heads * T queries of width d. This costs
         about heads * T * N * d instead of N * d * 2 * inner, e.g. 8x less for T = 8.
-        A key shift adds q.b_k to every key of a query (softmax ignores it); a value shift
-        comes through the weighting unchanged (rows sum to one), so it is added after.
         """
         h, dh = self.heads, self.dim_head
         b, t, d = queries.shape
-        w_q, w_k, w_v = weight.view(3, h, dh, d).unbind(0)  # (h, dh, d) each
-        b_q, b_v = (None, None) if bias is None else (bias[:self.inner], bias[2 * self.inner:])
-        q = F.linear(queries, w_q.reshape(h * dh, d), b_q).unflatten(-1, (h, dh))  # (B, T, h, dh)
+        w_q, w_k, w_v = self.to_qkv.weight.view(3, h, dh, d).unbind(0)  # (h, dh, d) each
+        q = F.linear(queries, w_q.reshape(h * dh, d)).unflatten(-1, (h, dh))  # (B, T, h, dh)
         q = torch.einsum("bthe,hed->bhtd", q, w_k).reshape(b, 1, h * t, d)  # (B, 1, h*T, d)
-        kv = source.unsqueeze(1)  # (B, 1, N, d)
-        out = attend(q, kv, kv, mask, dropout_p=self.dropout if self.training else 0.0, scale=dh ** -0.5)
+        out = attend(q, keys.unsqueeze(1), values.unsqueeze(1), mask,  # keys, values (B, 1, N, d)
+                     dropout_p=self.dropout if self.training else 0.0, scale=dh ** -0.5)
         out = torch.einsum("bhtd,hed->bthe", out.view(b, h, t, d), w_v).flatten(2)  # (B, T, inner)
-        return self.to_out(out if b_v is None else out + b_v)
+        return self.to_out(out)
+
+
+def split_heads(projected: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """(B, N, parts * heads * dh) -> `parts` tensors (B, heads, N, dh), views. Split on the last
+    dim, their gradients are one concatenation; unbinding a permuted (parts, ...) view instead
+    stacks them and copies that into place (two copies, ~5-10% of an attention sublayer)."""
+    return tuple(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in projected.chunk(parts, dim=-1))
 
 
 class TransformerBlock(nn.Module):
@@ -116,8 +114,10 @@ class TransformerBlock(nn.Module):
 
     qkv_norms "shared": one norm for the block's input, and with `cross=True` a second for the
     keys/values source. "separate": queries, keys and values each through their own norm
-    (norm_q, norm_k, norm_v; the reference LNLN's PreNorm_qkv), computed as one affine-free
-    normalisation with the three affines folded into the projections (`Attention`).
+    (norm_q, norm_k, norm_v; the reference LNLN's PreNorm_qkv), projected by their slices of
+    the attention's weight. (Folding the three affines into one projection after a single
+    affine-free norm measured slower: its weight-sized work, forward and backward, comes
+    with every call, ~20% of a block over 32 rows of 8 positions.)
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0,
@@ -137,17 +137,15 @@ class TransformerBlock(nn.Module):
                 mask: torch.Tensor | None = None, query_len: int | None = None) -> torch.Tensor:
         if (context is None) == self.cross:
             raise ValueError("a cross-attention block needs a context, a self-attention block none")
+        queries = x if query_len is None else x[:, :query_len]
         if self.separate:
-            norms = (self.norm_q, self.norm_k, self.norm_v)
-            affine = (torch.stack([n.weight for n in norms]), torch.stack([n.bias for n in norms]))
-            shape, eps = self.norm_q.normalized_shape, self.norm_q.eps
-            ctx = None if context is None else F.layer_norm(context, shape, eps=eps)
-            attended = self.attn(F.layer_norm(x, shape, eps=eps), ctx, mask, query_len, affine)
+            source = x if context is None else context
+            attended = self.attn(self.norm_q(queries), self.norm_k(source), mask, query_len,
+                                 values=self.norm_v(source))
         else:
             ctx = None if context is None else self.norm_context(context)
             attended = self.attn(self.norm(x), ctx, mask, query_len)
-        x = x if query_len is None else x[:, :query_len]
-        x = x + attended
+        x = queries + attended
         return x + self.mlp(self.norm_mlp(x))
 
 

@@ -22,7 +22,8 @@ from data_pipeline.schema import DataSpec
 
 from .config import ModelConfig
 from .entry import ModelEntry, ReferenceCheckpoints, dataset_family
-from .layers import CrossTransformer, Discriminator, QKVNorms, TokenEncoder, grad_reverse, grl_coefficient, mlp
+from .layers import (CrossTransformer, Discriminator, QKVNorms, TokenEncoder, grad_reverse, grl_coefficient, mlp,
+                     split_heads)
 from .lnln_reference import from_reference, is_reference
 from .space import ADVERSARIAL_SPACE, OPTIMIZER_SPACE, Dist
 from .text_bert import bert_features, check_config, load_bert
@@ -62,7 +63,7 @@ class HyperModalityLayer(nn.Module):
         q = self.to_q(self.norm_d(h_d)).unflatten(-1, (h, dh)).transpose(1, 2)  # (B, h, T, dh)
         out = 0
         for norm, to_kv, x in ((self.norm_a, self.to_kv_a, h_a), (self.norm_v, self.to_kv_v, h_v)):
-            k, v = to_kv(norm(x)).unflatten(-1, (2, h, dh)).permute(2, 0, 3, 1, 4).unbind(0)
+            k, v = split_heads(to_kv(norm(x)), 2, h)
             out = out + F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, T, d)
 

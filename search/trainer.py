@@ -32,7 +32,8 @@ from .evaluation_plan import TestGridPlan
 from .objective import objective_value
 from .optim import DeepSpeedStep, OptimizerStep, build_lr_schedule, build_optimizer, closes_group
 from .results import EpochReport, EpochResults
-from .row_parallel import eval_streams, resolve_chunks, row_parallel_backward, step_generators
+from .row_parallel import (eval_streams, one_thread_between_chunks, resolve_chunks, row_parallel_backward,
+                           step_generators)
 
 
 class TrainingDiverged(MsaSearchError):
@@ -174,28 +175,29 @@ def train_epoch(state: TrainState, cfg: ExperimentConfig, train: SplitTensors, d
     batches = batch_rows(len(train), cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, epoch=epoch,
                          rank=rank, world_size=world_size)
     sums: dict[str, float] = {}
-    for i, rows in enumerate(batches):
-        closes = closes_group(i, len(batches), cfg.train.grad_accum)
-        step.begin(closes)
-        batch = make_batch(train, rows, training_missing, seed=cfg.missing.seed, epoch=epoch, device=device,
-                           dtype=dtype)
-        progress = (epoch + i / len(batches)) / cfg.train.epochs
-        generators = step_generators(cfg.train.seed, epoch, i, chunks) if own_generators else None
-        outputs, terms, total = forward_backward(model, core, batch, weights, progress, chunks=chunks,
-                                                 scale=step.loss_scale, inject_nan=cfg.train.inject_nan,
-                                                 autocast_to=autocast_to, generators=generators)
-        # The step's one host sync: every logged value in one copy (each float() would be one).
-        values = dict(zip([*terms, "total"], torch.stack([*(v.detach() for v in terms.values()), total.detach()])
-                          .float().tolist()))
-        if not math.isfinite(values["total"]):  # before any optimizer step
-            detail = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "total")
-            raise TrainingDiverged(f"loss is {values['total']} at epoch {epoch} step {i} ({detail})")
-        step(total, closes)
-        extra_discriminator_steps(state, cfg, outputs)
-        for name, value in values.items():
-            sums[name] = sums.get(name, 0.0) + value
-        if on_step is not None:
-            on_step(i + 1, len(batches), {k: v / (i + 1) for k, v in sums.items()})
+    with one_thread_between_chunks(chunks):  # the main thread's share of each step
+        for i, rows in enumerate(batches):
+            closes = closes_group(i, len(batches), cfg.train.grad_accum)
+            step.begin(closes)
+            batch = make_batch(train, rows, training_missing, seed=cfg.missing.seed, epoch=epoch, device=device,
+                               dtype=dtype)
+            progress = (epoch + i / len(batches)) / cfg.train.epochs
+            generators = step_generators(cfg.train.seed, epoch, i, chunks) if own_generators else None
+            outputs, terms, total = forward_backward(model, core, batch, weights, progress, chunks=chunks,
+                                                     scale=step.loss_scale, inject_nan=cfg.train.inject_nan,
+                                                     autocast_to=autocast_to, generators=generators)
+            # The step's one host sync: every logged value in one copy (each float() would be one).
+            values = dict(zip([*terms, "total"], torch.stack([*(v.detach() for v in terms.values()), total.detach()])
+                              .float().tolist()))
+            if not math.isfinite(values["total"]):  # before any optimizer step
+                detail = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "total")
+                raise TrainingDiverged(f"loss is {values['total']} at epoch {epoch} step {i} ({detail})")
+            step(total, closes)
+            extra_discriminator_steps(state, cfg, outputs)
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value
+            if on_step is not None:
+                on_step(i + 1, len(batches), {k: v / (i + 1) for k, v in sums.items()})
     return {k: v / len(batches) for k, v in sums.items()}
 
 

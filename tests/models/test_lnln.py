@@ -255,8 +255,8 @@ def test_absorbed_few_query_attention_matches_full_attention():
 
 @pytest.mark.parametrize("cross", [False, True])
 def test_separate_qkv_norms_equal_three_layer_norms_on_every_attention_path(cross):
-    """The folded affines (one affine-free norm, gains and shifts in the projection) compute
-    LN_q(x), LN_k(x or context), LN_v(x or context) -> attention, on the fused, split and
+    """The three norms, each projected by its slice of the attention's weight, compute
+    LN_q(x), LN_k(x or context), LN_v(x or context) -> attention, on the full and the
     absorbed (few-query) paths, and the gradients reach the three norms."""
     torch.manual_seed(0)
     block = TransformerBlock(32, heads=4, dim_head=8, mlp_dim=16, cross=cross, qkv_norms="separate").double()

@@ -212,3 +212,22 @@ def test_a_gradient_in_another_layout_trains_as_with_backward(train_split):
         return model.weight.detach().clone()
 
     torch.testing.assert_close(trained_weight(2), trained_weight(1), rtol=1e-5, atol=1e-6)
+
+
+def test_the_main_thread_runs_one_intra_op_thread_between_chunks(small_split):
+    """Its share of a chunked step (the batch, the gradient sum, clipping, AdamW) is memory-bound
+    work that a second OpenMP thread barely speeds up and a busy core stalls; one chunk keeps
+    the threads (the step itself runs there), and the count comes back after the epoch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = {}
+        for chunks in (2, 1):
+            cfg = cfg_for(batch_chunks=chunks)
+            state = build_state(cfg, small_split, CPU)
+            train_epoch(state, cfg, small_split, CPU,
+                        on_step=lambda *_, chunks=chunks: seen.setdefault(chunks, []).append(torch.get_num_threads()))
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {2: [1, 1, 1], 1: [2, 2, 2]}  # 103 rows: 3 batches
