@@ -14,8 +14,9 @@ from .space import tune_domains
 from .study import storage as study_storage
 
 
-def searcher(cfg: ExperimentConfig, layout: Layout):
-    """OptunaSearch over the experiment's study (`layout.optuna_storage`), at most `search.max_concurrent` trials at once."""
+def searcher(cfg: ExperimentConfig, layout: Layout, storage=None):
+    """OptunaSearch over the experiment's study (`layout.optuna_storage`, or its `storage` made
+    already), at most `search.max_concurrent` trials at once."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
@@ -23,7 +24,7 @@ def searcher(cfg: ExperimentConfig, layout: Layout):
                 "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}
     options = cfg.search.tpe.model_dump() if cfg.search.sampler == "tpe" else {}
     sampler = samplers[cfg.search.sampler](seed=cfg.search.seed, **options)
-    storage = study_storage(layout)
+    storage = storage or study_storage(layout)
     if cfg.search.objectives:
         metric = [f"{OBJECTIVE}/{name}" for name in cfg.search.objectives]
         mode = [objective_mode(name) for name in cfg.search.objectives]

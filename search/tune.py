@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .space import space_to_data, tune_domains
 from .strategy import scheduler, searcher, trial_epoch_budget
 from .storage import check_location, exists, probe_study
 from .study import asked_trials, study_names
+from .study import storage as study_storage
 from .trials import distributed_trial, in_process_trial
 
 
@@ -66,14 +68,18 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
             store = prepare_store(cfg.data, layout.data)
     else:
         store = prepare_store(cfg.data, layout.data)
-    with ray_output_to(layout.ray_log, verbose=verbose) as ray_warnings, showing(sys.stderr, ray_warnings):
+    with ray_output_to(layout.ray_log, verbose=verbose) as ray_warnings, showing(sys.stderr, ray_warnings), \
+            ThreadPoolExecutor(1, thread_name_prefix="study-storage") as pool:
+        # A new study database takes ~1-3 s (Optuna's schema, in SQLAlchemy): made while Ray starts.
+        import optuna  # noqa: F401 (here, not first in the thread beside Ray's imports)
+        storage = pool.submit(study_storage, layout)
         ensure_ray(ray_address)  # a joined cluster was joined by cluster_of(), before the log existed
         for line in placement.warnings:
             warn(line)
         cfg = placement.apply(cfg)
         # One read-only copy of the splits per node, in Ray's object store (search/shared_data.py).
         trainable = _trainable(cfg, share_splits(store))
-        grid = _tuner(cfg, layout, space, trainable, resume=resume_dir is not None).fit()
+        grid = _tuner(cfg, layout, space, trainable, storage, resume=resume_dir is not None).fit()
     return _outcome(layout, cfg, grid)
 
 
@@ -81,7 +87,7 @@ def warn(line: str) -> None:
     print(line, file=sys.stderr, flush=True)  # before the view starts: plain stderr
 
 
-def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, *, resume: bool):
+def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, storage: Future, *, resume: bool):
     from ray import tune
 
     from .callbacks import TuneResultsCallback
@@ -106,7 +112,7 @@ def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, *, res
             metric=None if multi else OBJECTIVE, mode=None if multi else cfg.search.mode,
             # PBT mutates running trials' configs, which a sequential sampler cannot
             # model: it samples its initial population at random from the same space.
-            search_alg=None if cfg.search.scheduler == "pbt" else searcher(cfg, layout),
+            search_alg=None if cfg.search.scheduler == "pbt" else searcher(cfg, layout, storage.result()),
             scheduler=scheduler(cfg, space), num_samples=cfg.search.num_samples,
             max_concurrent_trials=cfg.search.max_concurrent if cfg.search.scheduler == "pbt" else None,
             time_budget_s=cfg.search.time_budget_s,
