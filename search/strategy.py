@@ -119,9 +119,15 @@ def trial_epoch_budget(budget: int | None):
     class TrialEpochBudget(Stopper):
         def __init__(self):
             self.used = 0
+            self.last_iteration: dict[str, int] = {}
 
         def __call__(self, trial_id, result):
-            self.used += 1
+            # When a trial's function returns, Tune passes its last result again (done=True):
+            # counted once. (PBT may restore a trial to an earlier iteration: counted anew.)
+            iteration = result.get("training_iteration")
+            if self.last_iteration.get(trial_id) != iteration:
+                self.last_iteration[trial_id] = iteration
+                self.used += 1
             return False
 
         def stop_all(self):
