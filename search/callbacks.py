@@ -64,6 +64,7 @@ class TuneResultsCallback(tune.Callback):
 
     def setup(self, **info):
         self._settled = False  # each driver, the first after a crash included, settles once
+        self._params: dict[str, str] = {}  # trial id -> its params file's text
 
     def on_step_begin(self, iteration, trials, **info):
         if not self._settled:
@@ -90,15 +91,24 @@ class TuneResultsCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "rows" not in result:
             return
-        params_file = self.layout.trial_params(trial.trial_id)
-        if not params_file.exists():
-            # Whole or absent, should the driver be killed; a full or read-only disk stops the
-            # search (Tune ends it when a callback raises), with one line naming the file.
-            with writing(params_file), atomic_file(params_file) as tmp:
-                tmp.write_text(json.dumps(trial.config, indent=2) + "\n")
+        self._write_params(trial)
         run = RunInfo.of(self.layout.root.name, trial.trial_id, self.base.with_params(trial.config))
         ResultsStore(self.layout.results).append(run, int(result["epoch"]), reported_results(result),
                                                  time.time() - self.started)
+
+    def _write_params(self, trial) -> None:
+        """The trial's parameters as it reports (export and status build its config from them):
+        written at its first report, and again after PBT gave it another's mutated values."""
+        params_file = self.layout.trial_params(trial.trial_id)
+        text = json.dumps(trial.config, indent=2) + "\n"
+        if trial.trial_id not in self._params and params_file.exists():  # by an earlier driver
+            self._params[trial.trial_id] = params_file.read_text()
+        if self._params.get(trial.trial_id) != text:
+            # Whole or absent, should the driver be killed; a full or read-only disk stops the
+            # search (Tune ends it when a callback raises), with one line naming the file.
+            with writing(params_file), atomic_file(params_file, force=True) as tmp:  # PBT: replaced whole
+                tmp.write_text(text)
+            self._params[trial.trial_id] = text
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # Called once a trial reports no more: after its last epoch, and when the scheduler

@@ -143,6 +143,24 @@ def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray):
     assert df.trial_id.nunique() == 2
     assert all(epochs == [0, 1, 2] for epochs in per_trial_epochs(df))
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
+    # PBT gave a trial another's mutated values: its params file (what export and status build
+    # its config from) holds those it trained its last epoch with, as its rows do.
+    valid = df[df.split == "valid"].sort_values("epoch")
+    searched = [c for c in df.columns if c.startswith("hp.model.loss_weights.")]
+    assert (valid.groupby("trial_id")[searched].nunique() > 1).any(axis=None), "PBT mutated nothing"
+    for trial_id, rows in valid.groupby("trial_id"):
+        params = json.loads(Layout(exp).trial_params(str(trial_id)).read_text())
+        assert {f"hp.{k}": v for k, v in params.items()} == pytest.approx(rows.iloc[-1][list(
+            f"hp.{k}" for k in params)].to_dict())
+
+
+def test_the_trial_epoch_budget_counts_epochs(tmp_path, local_ray):
+    """search.max_trial_epochs counts reported epochs, not the result Tune adds when a trial's
+    function returns (which once made a 6-epoch trial cost 7): 4 epochs are 2 whole trials."""
+    exp = tmp_path / "budget"
+    run_experiment(tiny(exp, "search.num_samples=5", "search.max_trial_epochs=4", "search.max_concurrent=1"))
+    df = ResultsStore(exp / "results").read(hparams=False)
+    assert list(per_trial_epochs(df)) == [[0, 1], [0, 1]]
 
 
 def test_multi_objective_needs_no_scheduler():
