@@ -172,6 +172,7 @@ def test_grad_accum_trains_the_same_weights_in_process_and_in_ddp_and_deepspeed_
     assert ddp.keys() == ds.keys() == expected.keys()
     for name, weight in expected.items():
         # DDP runs our optimizer step on the same module: bit-identical. DeepSpeed divides the
-        # loss by grad_accum and clips with its own norm: float rounding only (fp32).
+        # loss by grad_accum and clips with its own norm: float rounding only (fp32), which
+        # AdamW's normalised steps magnify where a gradient is near 0 (seen on a norm's shift).
         torch.testing.assert_close(ddp[name], weight, rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(ds[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(ds[name], weight, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
