@@ -14,6 +14,13 @@ from .space import tune_domains
 from .study import storage as study_storage
 
 
+def uses_study(cfg: ExperimentConfig) -> bool:
+    """Whether the search samples through an Optuna study. PBT mutates running trials'
+    configs, which a sequential sampler cannot model: it samples its initial population at
+    random from the same space, and the experiment has no study."""
+    return cfg.search.scheduler != "pbt"
+
+
 def searcher(cfg: ExperimentConfig, layout: Layout, storage=None):
     """OptunaSearch over the experiment's study (`layout.optuna_storage`, or its `storage` made
     already), at most `search.max_concurrent` trials at once."""

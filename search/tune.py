@@ -27,7 +27,7 @@ from .ray_setup import cluster_of, ensure_ray
 from .run import new_run_dir
 from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
-from .strategy import scheduler, searcher, trial_epoch_budget
+from .strategy import scheduler, searcher, trial_epoch_budget, uses_study
 from .storage import check_location, exists, probe_study
 from .study import asked_trials, study_names
 from .study import storage as study_storage
@@ -72,7 +72,7 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
             ThreadPoolExecutor(1, thread_name_prefix="study-storage") as pool:
         # A new study database takes ~1-3 s (Optuna's schema, in SQLAlchemy): made while Ray starts.
         import optuna  # noqa: F401 (here, not first in the thread beside Ray's imports)
-        storage = pool.submit(study_storage, layout)
+        storage = pool.submit(study_storage, layout) if uses_study(cfg) else None
         ensure_ray(ray_address)  # a joined cluster was joined by cluster_of(), before the log existed
         for line in placement.warnings:
             warn(line)
@@ -87,7 +87,8 @@ def warn(line: str) -> None:
     print(line, file=sys.stderr, flush=True)  # before the view starts: plain stderr
 
 
-def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, storage: Future, *, resume: bool):
+def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, storage: Future | None, *,
+           resume: bool):
     from ray import tune
 
     from .callbacks import TuneResultsCallback
@@ -110,9 +111,7 @@ def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, storag
         param_space=tune_domains(space),
         tune_config=tune.TuneConfig(
             metric=None if multi else OBJECTIVE, mode=None if multi else cfg.search.mode,
-            # PBT mutates running trials' configs, which a sequential sampler cannot
-            # model: it samples its initial population at random from the same space.
-            search_alg=None if cfg.search.scheduler == "pbt" else searcher(cfg, layout, storage.result()),
+            search_alg=searcher(cfg, layout, storage.result()) if uses_study(cfg) else None,
             scheduler=scheduler(cfg, space), num_samples=cfg.search.num_samples,
             max_concurrent_trials=cfg.search.max_concurrent if cfg.search.scheduler == "pbt" else None,
             time_budget_s=cfg.search.time_budget_s,

@@ -143,6 +143,7 @@ def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray):
     assert df.trial_id.nunique() == 2
     assert all(epochs == [0, 1, 2] for epochs in per_trial_epochs(df))
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
+    assert not Layout(exp).has_study, "PBT samples without Optuna: no study database"
     # PBT gave a trial another's mutated values: its params file (what export and status build
     # its config from) holds those it trained its last epoch with, as its rows do.
     valid = df[df.split == "valid"].sort_values("epoch")
