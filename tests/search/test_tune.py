@@ -144,11 +144,10 @@ def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray):
     assert all(epochs == [0, 1, 2] for epochs in per_trial_epochs(df))
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
     assert not Layout(exp).has_study, "PBT samples without Optuna: no study database"
-    # PBT gave a trial another's mutated values: its params file (what export and status build
-    # its config from) holds those it trained its last epoch with, as its rows do.
+    # Each params file (what export and status build a config from) holds the values its trial
+    # trained its last epoch with, as its rows do, PBT's mutations included. (Whether PBT
+    # mutates in so short a run depends on the trials' timing: test_tune_params_file.py.)
     valid = df[df.split == "valid"].sort_values("epoch")
-    searched = [c for c in df.columns if c.startswith("hp.model.loss_weights.")]
-    assert (valid.groupby("trial_id")[searched].nunique() > 1).any(axis=None), "PBT mutated nothing"
     for trial_id, rows in valid.groupby("trial_id"):
         params = json.loads(Layout(exp).trial_params(str(trial_id)).read_text())
         assert {f"hp.{k}": v for k, v in params.items()} == pytest.approx(rows.iloc[-1][list(
