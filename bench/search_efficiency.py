@@ -11,6 +11,7 @@ Each method searches `--config`'s space on the same data with the same budget
   product's way);
 - tpe-mv-cl+asha: the same with multivariate TPE and a constant liar for running trials;
 - tpe-mv-cl-s4+asha: that, with 4 random startup trials instead of 10;
+- tpe+asha-g4: tpe+asha whose ASHA stops no trial before epoch 4 (search.asha.grace_period);
 - random+asha: random sampling + ASHA, concurrent;
 - random-sequential: random sampling, every trial to the end, one at a time on the whole
   machine (cpus_per_trial and train.threads = all CPUs): what MMSA's tune mode does.
@@ -24,6 +25,14 @@ the methods' median best objectives, so each method reaches it in at least half 
 Prints `name=value` lines: one `run` line per search, then per method the median and range
 over seeds of time_to_target_s, trial_epochs_to_target, best and wall_s, and each method's
 speedup in median time to target over random-sequential.
+
+From random-sequential's runs (every trial trained to the end, configurations drawn at random)
+it also prints the landscape the methods search, which bounds what any of them can gain:
+`landscape.trials_at_target` (the share of random configurations whose best epoch reaches the
+target: where most do, sequential search reaches it with its first trials) and
+`landscape.rank_corr_epoch<E>` (Spearman rank correlation, over those trials, between the
+objective at epoch E and at the last epoch: ASHA's premise, that early ranks predict final
+ones; median over seeds).
 """
 from __future__ import annotations
 
@@ -36,6 +45,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,6 +64,7 @@ METHODS = {
                        "search.tpe.constant_liar=true"],
     "tpe-mv-cl-s4+asha": ["search.sampler=tpe", "search.scheduler=asha", "search.tpe.multivariate=true",
                           "search.tpe.constant_liar=true", "search.tpe.n_startup_trials=4"],
+    "tpe+asha-g4": ["search.sampler=tpe", "search.scheduler=asha", "search.asha.grace_period=4"],
     "random+asha": ["search.sampler=random", "search.scheduler=asha"],
     "random-sequential": ["search.sampler=random", "search.scheduler=none", "search.max_concurrent=1",
                           f"search.cpus_per_trial={CPUS}", f"train.threads={CPUS}"],
@@ -60,15 +72,33 @@ METHODS = {
 SEQUENTIAL = "random-sequential"
 
 
-def objective_curve(exp: Path, cfg) -> tuple[list[tuple[float, float]], int]:
-    """(seconds since the search's results callback started, objective) of every reported
-    (trial, epoch), in the order reported; and how many trials reported."""
+def objectives(exp: Path, cfg) -> pd.DataFrame:
+    """The validation objective of every reported (trial, epoch): columns trial_id, epoch,
+    seconds (since the search's results callback started) and objective."""
     df = ResultsStore(exp / "results").read(hparams=False)
     valid = df[df.split == "valid"]
-    points = [(float(rows.wall_time_s.max()),
-               objective_value(stored_pattern_metrics(rows), cfg.search.objective, cfg.search.objective_patterns))
-              for _, rows in valid.groupby(["trial_id", "epoch"])]
-    return sorted(points), int(df.trial_id.nunique())
+    return pd.DataFrame(
+        [(trial, epoch, float(rows.wall_time_s.max()),
+          objective_value(stored_pattern_metrics(rows), cfg.search.objective, cfg.search.objective_patterns))
+         for (trial, epoch), rows in valid.groupby(["trial_id", "epoch"])],
+        columns=["trial_id", "epoch", "seconds", "objective"])
+
+
+def objective_curve(points: pd.DataFrame) -> list[tuple[float, float]]:
+    """(seconds, objective) of every reported (trial, epoch), in the order reported."""
+    return sorted(zip(points.seconds, points.objective))
+
+
+def landscape(points: pd.DataFrame, target: float, sign: float) -> dict[str, float]:
+    """Of trials that all ran to the same last epoch: the share whose best reaches `target`, and
+    the Spearman rank correlation of each earlier epoch's objective with the last one's."""
+    table = points.pivot(index="trial_id", columns="epoch", values="objective").dropna()
+    best = (sign * table).max(axis=1)  # sign * each trial's best
+    figures = {"trials_at_target": float((best >= sign * target).mean())}
+    last = table.columns.max()
+    for epoch in table.columns[:-1]:
+        figures[f"rank_corr_epoch{epoch + 1}"] = float(table[epoch].rank().corr(table[last].rank()))  # Spearman: Pearson of ranks
+    return figures
 
 
 def reached(curve: list[tuple[float, float]], target: float, sign: float) -> tuple[float, float]:
@@ -123,11 +153,13 @@ def main() -> None:
                 run_experiment(cfg)
                 wall = time.perf_counter() - start
                 ray.shutdown()
-                curve, trials = objective_curve(exp, cfg)
+                points = objectives(exp, cfg)
+                curve = objective_curve(points)
                 sign = 1.0 if objective_mode(cfg.search.objective) == "max" else -1.0
                 best = sign * max(sign * v for _, v in curve)
-                runs[method].append({"seed": seed, "curve": curve, "best": best, "wall": wall, "sign": sign})
-                print(f"run method={method} seed={seed} trials={trials} trial_epochs={len(curve)} "
+                runs[method].append({"seed": seed, "curve": curve, "points": points, "best": best, "wall": wall,
+                                     "sign": sign})
+                print(f"run method={method} seed={seed} trials={points.trial_id.nunique()} trial_epochs={len(curve)} "
                       f"best={best:.4f} wall_s={wall:.1f}", flush=True)
                 shutil.rmtree(exp, ignore_errors=True)
     finally:
@@ -153,6 +185,9 @@ def main() -> None:
         for method, median in time_medians.items():
             if method != SEQUENTIAL:
                 print(f"{method}.speedup_vs_sequential={time_medians[SEQUENTIAL] / median:.2f}")
+        per_seed = [landscape(r["points"], target, sign) for r in runs[SEQUENTIAL]]
+        for name in per_seed[0]:
+            print(f"landscape.{name}={summary([figures.get(name, math.nan) for figures in per_seed])}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,6 @@ def timed(timers: dict[str, list[float]], name: str):
     with record_function(f"phase::{name}"):
         yield
     timers[name].append(time.perf_counter() - start)
-    timers[name].append(time.perf_counter() - start)
 
 
 def main() -> None:

@@ -24,15 +24,10 @@ import numpy as np
 from .config import ExperimentConfig
 from .objective import PatternMetrics, is_better, objective_mode, objective_value
 
-# ASHA as search/strategy.py builds it: rungs at training iterations 1, 2, 4, 8, ...
-ASHA_GRACE_PERIOD = 1
-ASHA_REDUCTION_FACTOR = 2
-
-
-def asha_milestones(max_t: int, grace_period: int = ASHA_GRACE_PERIOD,
-                    reduction_factor: float = ASHA_REDUCTION_FACTOR) -> list[int]:
-    """The training iterations at which Ray's one-bracket ASHA may stop a trial (its rungs,
-    ray.tune.schedulers.async_hyperband._Bracket, computed the same way)."""
+def asha_milestones(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
+    """The training iterations at which Ray's one-bracket ASHA, as search/strategy.py builds it
+    (search.asha), may stop a trial: its rungs, ray.tune.schedulers.async_hyperband._Bracket,
+    computed the same way."""
     rungs = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
     return sorted(grace_period * reduction_factor ** k for k in range(rungs))
 
@@ -56,7 +51,10 @@ def ending_epochs(cfg: ExperimentConfig, in_search: bool) -> frozenset[int]:
     last = cfg.train.epochs - 1
     if not (in_search and cfg.search.scheduler == "asha"):
         return frozenset({last})
-    return frozenset({last, *(int(m) - 1 for m in asha_milestones(cfg.train.epochs) if m <= cfg.train.epochs)})
+    asha = cfg.search.asha
+    rungs = asha_milestones(cfg.train.epochs, asha.grace_period, asha.reduction_factor)
+    # ASHA judges a trial at its first report at or past a rung (a rung may be fractional).
+    return frozenset({last, *(math.ceil(m) - 1 for m in rungs if m <= cfg.train.epochs)})
 
 
 class TestGridPlan:

@@ -19,10 +19,10 @@ from .shared_data import SharedSplits
 # from the environment: RAY_worker_niceness=0.)
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
-# Each worker process of a private local cluster imports the training code as it starts. Ray
-# starts a few workers with the cluster and makes Tune's trial processes from them, so torch
-# and the models are imported while the driver still prepares the data and the study, not
-# when the first trials start (bench/search_overhead.py: head_s, and its +cold variant).
+# Each worker process of a private local cluster imports the training code as it starts
+# (bench/search_overhead.py: head_s, and its +cold variant). Traced on Ray 2.60: the workers
+# the cluster starts with belong to no job and are not used for a job with a setup hook; Ray
+# starts the job's workers when Tune first asks for trial actors, and they import then.
 WARM_WORKERS = {"worker_process_setup_hook": "search.warm_workers.import_training"}
 
 

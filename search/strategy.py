@@ -99,8 +99,9 @@ def scheduler(cfg: ExperimentConfig, space: dict[str, Dist]):
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     if cfg.search.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs, grace_period=1,
-                             reduction_factor=2)
+        return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                             grace_period=cfg.search.asha.grace_period,
+                             reduction_factor=cfg.search.asha.reduction_factor)
     if cfg.search.scheduler == "pbt":
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=cfg.search.pbt_interval,
                                        hyperparam_mutations=pbt_mutations(space))

@@ -31,16 +31,25 @@ def valid_with(cfg: ExperimentConfig, f1: float, mae: float = 1.0) -> dict:
     return {p: {"f1_non0": f1, "mae": mae} for p in cfg.search.objective_patterns}
 
 
-@pytest.mark.parametrize("max_t", [1, 2, 3, 7, 8, 9, 50, 200])
-def test_asha_milestones_are_the_rungs_ray_builds(max_t):
-    """A contract with Ray: the rungs of the ASHAScheduler search/strategy.py builds (a private
-    attribute; this test fails if Ray changes how it places them)."""
+@pytest.mark.parametrize("max_t,grace_period,reduction_factor",
+                         [(1, 1, 2), (2, 1, 2), (3, 1, 2), (7, 1, 2), (8, 1, 2), (9, 1, 2), (50, 1, 2),
+                          (200, 1, 2), (6, 3, 2), (6, 6, 2), (40, 2, 3), (10, 1, 1.5)])
+def test_asha_milestones_are_the_rungs_ray_builds(max_t, grace_period, reduction_factor):
+    """A contract with Ray: the rungs of the ASHAScheduler search/strategy.py builds from
+    search.asha (a private attribute; this test fails if Ray changes how it places them)."""
     from search.strategy import scheduler
 
-    cfg = cfg_of(epochs=max_t, scheduler="asha")
+    cfg = cfg_of(epochs=max_t, scheduler="asha",
+                 asha={"grace_period": grace_period, "reduction_factor": reduction_factor})
     built = scheduler(cfg, {})
-    rungs = sorted(int(m) for bracket in built._brackets for m, _ in bracket._rungs)
-    assert asha_milestones(max_t) == rungs
+    rungs = sorted(m for bracket in built._brackets for m, _ in bracket._rungs)
+    assert asha_milestones(max_t, grace_period, reduction_factor) == pytest.approx(rungs)
+
+
+def test_asha_grace_period_past_the_last_epoch_is_refused():
+    with pytest.raises(ValueError, match=r"search\.asha\.grace_period.*at most train\.epochs \(4\)"):
+        cfg_of(epochs=4, scheduler="asha", asha={"grace_period": 5})
+    assert cfg_of(epochs=4, scheduler="none", asha={"grace_period": 5}).search.asha.grace_period == 5  # unused
 
 
 def test_the_epochs_where_a_trial_may_end():
@@ -49,6 +58,10 @@ def test_the_epochs_where_a_trial_may_end():
     assert ending_epochs(cfg_of(8, scheduler="asha"), in_search=True) == {0, 1, 3, 7}
     assert ending_epochs(cfg_of(10, scheduler="asha"), in_search=True) == {0, 1, 3, 7, 9}
     assert ending_epochs(cfg_of(8, scheduler="pbt"), in_search=True) == {7}
+    asha = {"grace_period": 3, "reduction_factor": 2}
+    assert ending_epochs(cfg_of(8, scheduler="asha", asha=asha), in_search=True) == {2, 5, 7}
+    asha = {"grace_period": 1, "reduction_factor": 1.5}  # rungs 1, 1.5, 2.25, 3.375, 5.06: judged at 1, 2, 3, 4, 6
+    assert ending_epochs(cfg_of(7, scheduler="asha", asha=asha), in_search=True) == {0, 1, 2, 3, 5, 6}
     assert resolved_policy(cfg_of(), in_search=True) == "improved"
     assert resolved_policy(cfg_of(), in_search=False) == "every"
     assert resolved_policy(cfg_of(eval_test="end"), in_search=False) == "end"
