@@ -96,8 +96,8 @@ def landscape(points: pd.DataFrame, target: float, sign: float) -> dict[str, flo
     best = (sign * table).max(axis=1)  # sign * each trial's best
     figures = {"trials_at_target": float((best >= sign * target).mean())}
     last = table.columns.max()
-    for epoch in table.columns[:-1]:
-        figures[f"rank_corr_epoch{epoch + 1}"] = float(table[epoch].rank().corr(table[last].rank()))  # Spearman: Pearson of ranks
+    for epoch in table.columns[:-1]:  # Spearman: Pearson's correlation of the ranks (no scipy here)
+        figures[f"rank_corr_epoch{epoch + 1}"] = float(table[epoch].rank().corr(table[last].rank()))
     return figures
 
 

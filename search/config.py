@@ -254,6 +254,11 @@ class ExperimentConfig(BaseModel):
                 raise ValueError(f"config key '{key}': {problem}") from None
         self._check_objectives()
         self._check_distributed()
+        search = self.search
+        if search.scheduler == "asha" and search.asha.grace_period > self.train.epochs:
+            raise ValueError(f"config key 'search.asha.grace_period': at most train.epochs "
+                             f"({self.train.epochs}), the last epoch a trial runs (got {search.asha.grace_period}; "
+                             "ASHA would never stop a trial: use search.scheduler: none for that)")
         if not {"trial", "stored"} & set(info.context or {}):  # both were checked when they started
             space = self.search_space()
             if self.search.scheduler == "pbt" and not any(k.startswith("model.loss_weights.")
@@ -274,10 +279,6 @@ class ExperimentConfig(BaseModel):
             raise ValueError("config key 'search.objective_patterns': needs at least one pattern")
         # The metrics of the dataset: SIMS adds acc3 (a given data.path may hold either family).
         metrics = SIMS_METRIC_NAMES if self.data.path else metric_names(self.data.preset)
-        if search.scheduler == "asha" and search.asha.grace_period > self.train.epochs:
-            raise ValueError(f"config key 'search.asha.grace_period': at most train.epochs "
-                             f"({self.train.epochs}), the last epoch a trial runs (got {search.asha.grace_period}; "
-                             "ASHA would never stop a trial: use search.scheduler: none for that)")
         if search.objectives and search.scheduler != "none":
             raise ValueError(f"config key 'search.scheduler': a multi-objective search (search.objectives) needs "
                              f"none (got {search.scheduler}); ASHA and PBT rank trials by one metric")

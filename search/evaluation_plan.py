@@ -24,7 +24,7 @@ import numpy as np
 from .config import ExperimentConfig
 from .objective import PatternMetrics, is_better, objective_mode, objective_value
 
-def asha_milestones(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
+def asha_milestones(max_t: int, grace_period: int, reduction_factor: float) -> list[float]:
     """The training iterations at which Ray's one-bracket ASHA, as search/strategy.py builds it
     (search.asha), may stop a trial: its rungs, ray.tune.schedulers.async_hyperband._Bracket,
     computed the same way."""
