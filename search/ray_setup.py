@@ -20,9 +20,11 @@ from .shared_data import SharedSplits
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 # Each worker process of a private local cluster imports the training code as it starts
-# (bench/search_overhead.py: head_s, and its +cold variant). Traced on Ray 2.60: the workers
-# the cluster starts with belong to no job and are not used for a job with a setup hook; Ray
-# starts the job's workers when Tune first asks for trial actors, and they import then.
+# (bench/search_overhead.py: head_s, and its +cold variant). Traced on Ray 2.60: Tune gives each
+# trainable actor a runtime environment of its own (env_vars), so trials never run in the workers
+# the cluster starts with; Ray starts their processes when Tune first asks for trial actors, and
+# this hook imports then. (Ray's preload_python_modules, which would import in those prestarted
+# workers too, measured slower: they import for nothing.)
 WARM_WORKERS = {"worker_process_setup_hook": "search.warm_workers.import_training"}
 
 
