@@ -1,16 +1,16 @@
 """Benchmark: how fast each search strategy finds a good configuration, at one trial-epoch budget.
 
     python bench/search_efficiency.py [--budget 60] [--epochs 6] [--seeds 0,1,2,3,4]
-        [--methods tpe+asha,tpe-mv-cl+asha,random+asha,random-sequential] [--target auto]
+        [--methods gp+asha,tpe+asha,random+asha,random-sequential] [--target auto]
         [--config configs/quick.yaml] [--set KEY=VALUE ...]
 
 Each method searches `--config`'s space on the same data with the same budget
 (`search.max_trial_epochs`), the methods interleaved per seed:
 
-- tpe+asha: Optuna TPE (its defaults) + ASHA, search.max_concurrent trials at once (the
-  product's way);
+- tpe+asha: Optuna TPE (its defaults) + ASHA, search.max_concurrent trials at once;
 - tpe-mv-cl+asha: the same with multivariate TPE and a constant liar for running trials;
 - tpe-mv-cl-s4+asha: that, with 4 random startup trials instead of 10;
+- gp+asha: Optuna's Gaussian-process sampler + ASHA, concurrent (the product's default);
 - tpe+asha-g4: tpe+asha whose ASHA stops no trial before epoch 4 (search.asha.grace_period);
 - random+asha: random sampling + ASHA, concurrent;
 - random-sequential: random sampling, every trial to the end, one at a time on the whole
@@ -64,6 +64,7 @@ METHODS = {
                        "search.tpe.constant_liar=true"],
     "tpe-mv-cl-s4+asha": ["search.sampler=tpe", "search.scheduler=asha", "search.tpe.multivariate=true",
                           "search.tpe.constant_liar=true", "search.tpe.n_startup_trials=4"],
+    "gp+asha": ["search.sampler=gp", "search.scheduler=asha"],
     "tpe+asha-g4": ["search.sampler=tpe", "search.scheduler=asha", "search.asha.grace_period=4"],
     "random+asha": ["search.sampler=random", "search.scheduler=asha"],
     "random-sequential": ["search.sampler=random", "search.scheduler=none", "search.max_concurrent=1",
@@ -122,7 +123,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=60, help="trial-epochs per search")
     parser.add_argument("--epochs", type=int, default=6, help="train.epochs (ASHA's max_t)")
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--methods", default="tpe+asha,tpe-mv-cl+asha,random+asha,random-sequential")
+    parser.add_argument("--methods", default="gp+asha,tpe+asha,random+asha,random-sequential")
     parser.add_argument("--target", default="auto", help="an objective value, or auto (see above)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "quick.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")

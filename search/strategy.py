@@ -27,7 +27,8 @@ def searcher(cfg: ExperimentConfig, layout: Layout, storage=None):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
-    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+    samplers = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
+                "random": optuna.samplers.RandomSampler,
                 "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}
     options = cfg.search.tpe.model_dump() if cfg.search.sampler == "tpe" else {}
     sampler = samplers[cfg.search.sampler](seed=cfg.search.seed, **options)

@@ -139,8 +139,8 @@ def test_tpe_options_reach_the_sampler(tmp_path):
     from search.layout import Layout
     from search.strategy import searcher
 
-    cfg = ExperimentConfig.model_validate({"search": {"tpe": {"multivariate": True, "constant_liar": True,
-                                                              "n_startup_trials": 4}}})
+    cfg = ExperimentConfig.model_validate({"search": {"sampler": "tpe", "tpe": {
+        "multivariate": True, "constant_liar": True, "n_startup_trials": 4}}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks both options experimental
         sampler = searcher(cfg, Layout(tmp_path)).searcher._sampler
@@ -148,3 +148,48 @@ def test_tpe_options_reach_the_sampler(tmp_path):
     assert (sampler._multivariate, sampler._constant_liar, sampler._n_startup_trials) == (True, True, 4)
     with pytest.raises(Exception, match="search.tpe.greedy"):
         load_config(Path(__file__).resolve().parents[2] / "configs" / "quick.yaml", ["search.tpe.greedy=true"])
+    # The default sampler is GP: TPE's options without search.sampler: tpe would do nothing.
+    with pytest.raises(ConfigError, match="search.tpe.multivariate sets an option of the TPE sampler, but "
+                                          "search.sampler is 'gp'"):
+        load_config(Path(__file__).resolve().parents[2] / "configs" / "quick.yaml", ["search.tpe.multivariate=true"])
+
+
+def test_gp_sampler_searches_through_tunes_searcher_with_trials_pending(tmp_path):
+    """search.sampler: gp is Optuna's GPSampler behind the same Tune searcher: asked while
+    another trial runs (max_concurrent 2), it finds the optimum of a smooth function far
+    better than its random start-up trials did."""
+    import warnings
+
+    import numpy as np
+    import optuna
+
+    from models.space import Dist
+    from search.layout import Layout
+    from search.space import tune_domains
+    from search.strategy import searcher
+
+    cfg = ExperimentConfig.model_validate({"search": {"seed": 3}})  # gp: the default
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks GPSampler experimental
+            limited = searcher(cfg, Layout(tmp_path))
+            assert isinstance(limited.searcher._sampler, optuna.samplers.GPSampler)
+            limited.set_search_properties(None, None, tune_domains(
+                {"x": Dist("uniform", 0.0, 1.0), "y": Dist("loguniform", 1e-4, 1.0)}))
+
+            def score(p):  # best 0 at x = 0.7, y = 0.01
+                return -((p["x"] - 0.7) ** 2) - 0.1 * (np.log10(p["y"]) + 2) ** 2
+
+            values, running = [], {}
+            for i in range(24):
+                running[f"t{i}"] = limited.suggest(f"t{i}")
+                if len(running) == 2:  # the older of the two running trials ends
+                    done = next(iter(running))
+                    values.append(score(running.pop(done)))
+                    limited.on_trial_complete(done, {"objective": values[-1]})
+    finally:
+        optuna.logging.set_verbosity(level)
+    start_up = max(values[:10])  # Optuna's 10 random start-up trials
+    assert max(values[10:]) > -0.005 and max(values[10:]) > start_up + 0.01, (start_up, values[10:])
