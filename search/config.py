@@ -177,11 +177,12 @@ class SearchConfig(BaseModel):
     @model_validator(mode="after")
     def _tpe_options_need_tpe(self) -> "SearchConfig":
         # Options of a sampler that is not used would be ignored without a word.
-        if self.sampler != "tpe" and self.tpe != TPEConfig():
-            changed = ", ".join(f"search.tpe.{k}" for k, v in self.tpe.model_dump().items()
-                                if v != getattr(TPEConfig(), k))
-            raise ValueError(f"{changed} set{'s' if ',' not in changed else ''} an option of the TPE sampler, "
-                             f"but search.sampler is {self.sampler!r}; set search.sampler: tpe, or drop it")
+        defaults = TPEConfig().model_dump()
+        changed = [f"search.tpe.{k}" for k, v in self.tpe.model_dump().items() if v != defaults[k]]
+        if self.sampler != "tpe" and changed:
+            which, them = ("sets an option", "it") if len(changed) == 1 else ("set options", "them")
+            raise ValueError(f"{', '.join(changed)} {which} of the TPE sampler, but search.sampler is "
+                             f"{self.sampler!r}; set search.sampler: tpe, or drop {them}")
         return self
 
     @field_validator("objectives")

@@ -158,8 +158,6 @@ def test_gp_sampler_searches_through_tunes_searcher_with_trials_pending(tmp_path
     """search.sampler: gp is Optuna's GPSampler behind the same Tune searcher: asked while
     another trial runs (max_concurrent 2), it finds the optimum of a smooth function far
     better than its random start-up trials did."""
-    import warnings
-
     import numpy as np
     import optuna
 
@@ -172,23 +170,21 @@ def test_gp_sampler_searches_through_tunes_searcher_with_trials_pending(tmp_path
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna marks GPSampler experimental
-            limited = searcher(cfg, Layout(tmp_path))
-            assert isinstance(limited.searcher._sampler, optuna.samplers.GPSampler)
-            limited.set_search_properties(None, None, tune_domains(
-                {"x": Dist("uniform", 0.0, 1.0), "y": Dist("loguniform", 1e-4, 1.0)}))
+        limited = searcher(cfg, Layout(tmp_path))
+        assert isinstance(limited.searcher._sampler, optuna.samplers.GPSampler)
+        limited.set_search_properties(None, None, tune_domains(
+            {"x": Dist("uniform", 0.0, 1.0), "y": Dist("loguniform", 1e-4, 1.0)}))
 
-            def score(p):  # best 0 at x = 0.7, y = 0.01
-                return -((p["x"] - 0.7) ** 2) - 0.1 * (np.log10(p["y"]) + 2) ** 2
+        def score(p):  # best 0 at x = 0.7, y = 0.01
+            return -((p["x"] - 0.7) ** 2) - 0.1 * (np.log10(p["y"]) + 2) ** 2
 
-            values, running = [], {}
-            for i in range(24):
-                running[f"t{i}"] = limited.suggest(f"t{i}")
-                if len(running) == 2:  # the older of the two running trials ends
-                    done = next(iter(running))
-                    values.append(score(running.pop(done)))
-                    limited.on_trial_complete(done, {"objective": values[-1]})
+        values, running = [], {}
+        for i in range(24):
+            running[f"t{i}"] = limited.suggest(f"t{i}")
+            if len(running) == 2:  # the older of the two running trials ends
+                done = next(iter(running))
+                values.append(score(running.pop(done)))
+                limited.on_trial_complete(done, {"objective": values[-1]})
     finally:
         optuna.logging.set_verbosity(level)
     start_up = max(values[:10])  # Optuna's 10 random start-up trials
