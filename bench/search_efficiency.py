@@ -11,10 +11,13 @@ Each method searches `--config`'s space on the same data with the same budget
 - tpe-mv-cl+asha: the same with multivariate TPE and a constant liar for running trials;
 - tpe-mv-cl-s4+asha: that, with 4 random startup trials instead of 10;
 - gp+asha: Optuna's Gaussian-process sampler + ASHA, concurrent (the product's default);
+- gp+asha-deferred: that, with the test grid deferred (train.eval_test: deferred): only a
+  trial's last epoch evaluates it during the search;
 - tpe+asha-g4: tpe+asha whose ASHA stops no trial before epoch 4 (search.asha.grace_period);
 - random+asha: random sampling + ASHA, concurrent;
 - random-sequential: random sampling, every trial to the end, one at a time on the whole
-  machine (cpus_per_trial and train.threads = all CPUs): what MMSA's tune mode does.
+  machine (cpus_per_trial and train.threads = all CPUs), the test grid once per trial, after
+  its last epoch (train.eval_test: end): what MMSA's tune mode does (it tests each trial once).
 
 Per run, from the results store: the validation objective of every reported (trial, epoch)
 in the order reported, its running best, and when it first reached the target: in seconds
@@ -65,10 +68,11 @@ METHODS = {
     "tpe-mv-cl-s4+asha": ["search.sampler=tpe", "search.scheduler=asha", "search.tpe.multivariate=true",
                           "search.tpe.constant_liar=true", "search.tpe.n_startup_trials=4"],
     "gp+asha": ["search.sampler=gp", "search.scheduler=asha"],
+    "gp+asha-deferred": ["search.sampler=gp", "search.scheduler=asha", "train.eval_test=deferred"],
     "tpe+asha-g4": ["search.sampler=tpe", "search.scheduler=asha", "search.asha.grace_period=4"],
     "random+asha": ["search.sampler=random", "search.scheduler=asha"],
     "random-sequential": ["search.sampler=random", "search.scheduler=none", "search.max_concurrent=1",
-                          f"search.cpus_per_trial={CPUS}", f"train.threads={CPUS}"],
+                          f"search.cpus_per_trial={CPUS}", f"train.threads={CPUS}", "train.eval_test=end"],
 }
 SEQUENTIAL = "random-sequential"
 
@@ -160,8 +164,11 @@ def main() -> None:
                 best = sign * max(sign * v for _, v in curve)
                 runs[method].append({"seed": seed, "curve": curve, "points": points, "best": best, "wall": wall,
                                      "sign": sign})
+                # With a given target, each run's own figures too (a long run cut short keeps them).
+                hit = "" if args.target == "auto" else \
+                    " time_to_target_s={:.1f} trial_epochs_to_target={:.0f}".format(*reached(curve, float(args.target), sign))
                 print(f"run method={method} seed={seed} trials={points.trial_id.nunique()} trial_epochs={len(curve)} "
-                      f"best={best:.4f} wall_s={wall:.1f}", flush=True)
+                      f"best={best:.4f} wall_s={wall:.1f}{hit}", flush=True)
                 shutil.rmtree(exp, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

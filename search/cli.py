@@ -235,6 +235,12 @@ def tune_cmd(
         raise fault from exc
     counts = ", ".join(f"{n} {state}" for state, n in outcome.trials.items() if n) or "none"
     console.print(f"trials: {counts}")
+    deferred = outcome.deferred_tests
+    if deferred.evaluated:
+        console.print(f"test grid (train.eval_test: deferred) evaluated after the search for "
+                      f"{len(deferred.evaluated)} trial(s) that stopped early: {', '.join(deferred.evaluated)}")
+    for line in deferred.skipped:
+        console.print(f"[yellow]test grid not evaluated for trial {line}[/yellow]")
     if not outcome.any_completed:
         raise MsaSearchError(f"no trial completed ({counts}); first failure: {outcome.first_failure or 'unknown'}; "
                              f"details in {outcome.exp_dir}")

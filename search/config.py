@@ -71,8 +71,11 @@ class TrainConfig(BaseModel):
     # When an epoch evaluates the test grid (the valid grid, which the objective reads, runs
     # every epoch): every; improved (epochs that improve the trial's best objective, and every
     # epoch where the trial may end); end (only where it may end: its last epoch, ASHA's
-    # rungs). auto: improved in a search's trials, every for `train`. search/evaluation_plan.py.
-    eval_test: Literal["auto", "every", "improved", "end"] = "auto"
+    # rungs); deferred (a search's trials: only after the last epoch, train.epochs; trials that
+    # stop before it get theirs after the search from their last checkpoint, the best
+    # search.test_top of them). auto: improved in a search's trials, every for `train`.
+    # search/evaluation_plan.py.
+    eval_test: Literal["auto", "every", "improved", "end", "deferred"] = "auto"
     # CUDA only: TF32 matmuls (several times the fp32 rate on Ampere+, ~1e-3 relative error).
     tf32: bool = False
     # Bit-for-bit repeatable GPU runs (deterministic kernels, attention on SDPA's math
@@ -166,6 +169,9 @@ class SearchConfig(BaseModel):
     # train.workers = 0: the GPU share Ray reserves per trial (0.25: four trials share a GPU).
     # None = auto: 1 where the cluster has GPUs and train.device is not cpu, else 0.
     gpus_per_trial: float | None = Field(None, ge=0)
+    # train.eval_test: deferred: how many trials, best first as `status` ranks them, get the
+    # test grid after the search where they stopped before their last epoch (search/deferred_test.py).
+    test_top: int = Field(5, ge=0)
     # Test hook: the trial that starts n-th (0-based) gets train.inject_nan (its loss is NaN).
     nan_trial: int | None = None
     # Overrides of the model's registry search space, e.g. {"train.lr": {"loguniform": [1e-5, 1e-3]}}.
@@ -314,6 +320,10 @@ class ExperimentConfig(BaseModel):
                 raise ValueError("config key 'train.precision': fp16 needs train.workers >= 1 with train.engine: "
                                  "deepspeed (its loss scaling); in-process training takes bf16 (autocast) or fp32")
             return
+        if train.eval_test == "deferred":
+            raise ValueError(f"config key 'train.eval_test': deferred needs in-process trials (train.workers: 0), "
+                             f"whose checkpoints the search evaluates after it ends (got train.workers: "
+                             f"{train.workers}); use end or improved")
         if self.search.gpus_per_trial:
             raise ValueError(f"config key 'search.gpus_per_trial': for in-process trials (train.workers: 0) only "
                              f"(got {self.search.gpus_per_trial:g} with train.workers: {train.workers}); "

@@ -6,7 +6,13 @@ and costs as much again (more: MOSI's test split is three times its valid split)
 - `every`: after each epoch;
 - `improved`: after each epoch that improves the trial's best objective (in a multi-objective
   search, any of them), and after each epoch where the trial may end;
-- `end`: only after each epoch where the trial may end.
+- `end`: only after each epoch where the trial may end;
+- `deferred` (a search's trials): only after the last epoch (`train.epochs`). A trial that
+  stops before it (ASHA, a budget) has no test rows while the search runs; after it, the
+  best `search.test_top` of those get theirs from their last checkpoint
+  (search/deferred_test.py). Under ASHA most trials stop at a rung, and the test grid costs
+  about as much as an epoch's training, so this is the cheapest search that still shows the
+  test numbers of the trials that matter. In `train` it is `end`.
 
 A trial may end after its last epoch and, under ASHA, after each rung's epoch: ASHA decides
 after a report, so the trial cannot know which rung stops it. So the epoch `status`, `export`
@@ -35,11 +41,15 @@ def asha_milestones(max_t: int, grace_period: int, reduction_factor: float) -> l
 # Where each policy evaluates the test grid, as messages say it.
 POLICY_EPOCHS = {"every": "after every epoch",
                  "improved": "after epochs that improve the trial's best objective and where it may end",
-                 "end": "only where the trial may end (its last epoch, ASHA's rungs)"}
+                 "end": "only where the trial may end (its last epoch, ASHA's rungs)",
+                 "deferred": "after the last epoch, and after the search for the best search.test_top "
+                             "trials that stopped before it"}
 
 
 def resolved_policy(cfg: ExperimentConfig, in_search: bool) -> str:
     """`train.eval_test` with auto resolved."""
+    if cfg.train.eval_test == "deferred" and not in_search:
+        return "end"  # a run's own last epoch: nothing to defer to
     if cfg.train.eval_test != "auto":
         return cfg.train.eval_test
     return "improved" if in_search else "every"
@@ -66,7 +76,8 @@ class TestGridPlan:
 
     def __init__(self, cfg: ExperimentConfig, in_search: bool, best: list[float] | None = None):
         self.policy = resolved_policy(cfg, in_search)
-        self.ending = ending_epochs(cfg, in_search)
+        # deferred: the last epoch only (a trial stopped earlier is evaluated after the search).
+        self.ending = frozenset({cfg.train.epochs - 1}) if self.policy == "deferred" else ending_epochs(cfg, in_search)
         self.objectives = cfg.search.objectives or [cfg.search.objective]
         self.patterns = cfg.search.objective_patterns
         self.best = best

@@ -195,6 +195,33 @@ class ResultsStore:
             raise ValueError(f"trial {run.trial_id} epoch {epoch}: no results to write")
         return self._write(self._part_name(run.trial_id, epoch), pa.Table.from_pylist(rows))
 
+    def add_splits(self, run: RunInfo, epoch: int, results: EpochResults) -> Path | str:
+        """Add `results` (splits evaluated later: a deferred test grid) to a stored (trial, epoch):
+        its part is written with the stored rows of the other splits and the new ones, which
+        take the stored rows' wall_time_s (when the epoch was reported). `compact_trial`
+        then merges it as it merges any part reported after compaction."""
+        safe = _safe(run.trial_id)
+        listing = self._listing()
+        part = listing.parts.get(safe, {}).get(epoch)
+        stored = self._read_plain(part if part is not None else listing.compacted.get(safe))
+        if stored is not None and part is None:
+            stored = stored.filter(pc.equal(stored["epoch"], epoch))
+        if stored is None or stored.num_rows == 0:
+            raise KeyError(f"{self.root}: no rows of trial {run.trial_id} epoch {epoch} to add "
+                           f"{', '.join(results)} to")
+        stored = stored.filter(pc.invert(pc.is_in(stored["split"], pa.array(list(results)))))
+        wall_time_s = float(pc.max(stored["wall_time_s"]).as_py())
+        added = pa.Table.from_pylist(result_rows(run, epoch, results, wall_time_s))
+        return self._write(self._part_name(run.trial_id, epoch),
+                           pa.concat_tables([stored, added], promote_options="permissive"))
+
+    def _read_plain(self, path: str | None) -> pa.Table | None:
+        """A file's rows with plain string columns, as they were written (None: no file)."""
+        if path is None:
+            return None
+        with self.fs.open_input_file(path) as source:
+            return pq.read_table(source, use_threads=False)
+
     def write_compacted(self, trial_id: str, table: pa.Table) -> Path | str:
         """Write `table`, all rows of one trial, as its compacted file (replacing it whole):
         compaction's write, and bench/results_scale.py's quick way to a large store."""

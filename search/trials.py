@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import TRIAL_CONTEXT, ExperimentConfig
+from .evaluation_plan import ending_epochs, resolved_policy
 from .layout import Layout
 from .ray_setup import torch_trainer
 from .results import EpochReport, epoch_metrics
@@ -64,9 +65,13 @@ def in_process_trial(params: dict, base: dict, data: SharedSplits) -> None:
         with checkpoint.as_directory() as ckpt:
             load_state(state, Path(ckpt) / STATE_FILE, device)
 
+    # A deferred test grid is evaluated after the search from a stopped trial's latest
+    # checkpoint: so every epoch where ASHA may stop it is checkpointed, whatever checkpoint_every.
+    stops = ending_epochs(cfg, in_search=True) if resolved_policy(cfg, in_search=True) == "deferred" else frozenset()
+
     def on_epoch(state: TrainState, report: EpochReport) -> None:
         metrics = {**epoch_metrics(report, cfg.search), DATA_PRIVATE_MB: data_mb}
-        if checkpoint_due(state, cfg):
+        if checkpoint_due(state, cfg) or report.epoch in stops:
             with tempfile.TemporaryDirectory() as ckpt:
                 save_state(state, Path(ckpt) / STATE_FILE)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt))

@@ -2,8 +2,9 @@
 
 Prepares the experiment directory (search/layout.py) and the data, then runs the trials of
 search/trials.py under the searcher, scheduler and budget of search/strategy.py, while
-search/callbacks.py stores every reported epoch. `--resume` continues an interrupted
-experiment with `Tuner.restore` and the same Optuna study.
+search/callbacks.py stores every reported epoch; under `train.eval_test: deferred`,
+search/deferred_test.py then evaluates the test grid of the best trials that stopped early.
+`--resume` continues an interrupted experiment with `Tuner.restore` and the same Optuna study.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from data_pipeline.source import prepare_store
 
 from .config import ExperimentConfig, load_config
 from .console_view import showing
+from .deferred_test import DeferredTests, evaluate_deferred_tests
 from .devices import place, visible_gpus
 from .layout import Layout
 from .objective import OBJECTIVE
@@ -39,6 +41,7 @@ class SearchOutcome:
     exp_dir: Path
     trials: Counter = field(default_factory=Counter)  # completed / stopped early / errored
     first_failure: str | None = None  # the reason of the first errored trial
+    deferred_tests: DeferredTests = field(default_factory=DeferredTests)  # train.eval_test: deferred
 
     @property
     def any_completed(self) -> bool:
@@ -78,9 +81,11 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
             warn(line)
         cfg = placement.apply(cfg)
         # One read-only copy of the splits per node, in Ray's object store (search/shared_data.py).
-        trainable = _trainable(cfg, share_splits(store))
-        grid = _tuner(cfg, layout, space, trainable, storage, resume=resume_dir is not None).fit()
-    return _outcome(layout, cfg, grid)
+        data = share_splits(store)
+        grid = _tuner(cfg, layout, space, _trainable(cfg, data), storage, resume=resume_dir is not None).fit()
+        outcome = _outcome(layout, cfg, grid)
+        outcome.deferred_tests = evaluate_deferred_tests(layout, cfg, grid, data, trial_resources(cfg))
+    return outcome
 
 
 def warn(line: str) -> None:

@@ -189,3 +189,11 @@ def test_gp_sampler_searches_through_tunes_searcher_with_trials_pending(tmp_path
         optuna.logging.set_verbosity(level)
     start_up = max(values[:10])  # Optuna's 10 random start-up trials
     assert max(values[10:]) > -0.005 and max(values[10:]) > start_up + 0.01, (start_up, values[10:])
+
+
+def test_a_deferred_test_grid_needs_in_process_trials():
+    """Ray Train's checkpoints are not what search/deferred_test.py loads: refused with the config."""
+    with pytest.raises(ConfigError, match=r"train.eval_test.: deferred needs in-process trials .* train.workers: 2"):
+        load_config(CONFIGS / "quick.yaml", ["train.eval_test=deferred", "train.workers=2"])
+    assert load_config(CONFIGS / "quick.yaml", ["train.eval_test=deferred", "search.test_top=0"]) \
+        .search.test_top == 0

@@ -99,6 +99,14 @@ def test_end_tests_only_where_an_asha_trial_may_stop_and_every_tests_all():
     assert all(every.due(e, valid_with(cfg, 0.0)) for e in range(8))
 
 
+def test_deferred_tests_only_the_last_epoch_in_a_search_and_is_end_in_train():
+    cfg = cfg_of(epochs=8, eval_test="deferred", scheduler="asha")
+    plan = TestGridPlan(cfg, in_search=True)
+    assert [e for e in range(8) if plan.due(e, valid_with(cfg, 0.1 * e))] == [7], "no rung, no improvement"
+    assert resolved_policy(cfg, in_search=False) == "end"
+    assert [e for e in range(8) if TestGridPlan(cfg, in_search=False).due(e, valid_with(cfg, 0.0))] == [7]
+
+
 @pytest.fixture(scope="module")
 def splits():
     data = synthesize("mosi-aligned", seed=21, scale=0.15)

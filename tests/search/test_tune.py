@@ -11,7 +11,7 @@ import ray
 
 from data_pipeline.loader import load_splits
 from search.config import ConfigError, load_config
-from search.export import export_best
+from search.export import export_best, score_trials
 from search.layout import Layout
 from search.results import ResultsStore
 from search.run import train_in_process
@@ -181,3 +181,35 @@ def test_trials_can_nest_ray_train_workers(tmp_path, local_ray):
     valid = df[(df.split == "valid") & df.pattern.isin(patterns)]
     from_rows = sorted(valid.groupby("trial_id").f1_non0.mean())
     assert sorted(t.values[0] for t in study.trials) == pytest.approx(from_rows, abs=1e-9)
+
+
+def test_a_deferred_test_grid_is_evaluated_after_the_search_as_in_the_trial(tmp_path, local_ray):
+    """train.eval_test: deferred: while the search runs only last epochs evaluate the test grid;
+    after it, the best search.test_top trials that ASHA stopped get theirs from their latest
+    checkpoints: the same numbers as a search that evaluates it where a trial may stop (end)."""
+    common = ["search.scheduler=asha", "search.sampler=random", "search.num_samples=6", "search.max_concurrent=1",
+              "train.epochs=4", "search.seed=5"]
+    run_experiment(tiny(tmp_path / "end", *common, "train.eval_test=end"))
+    outcome = run_experiment(tiny(tmp_path / "deferred", *common, "train.eval_test=deferred", "search.test_top=4"))
+    end = ResultsStore(tmp_path / "end" / "results").read(hparams=False)
+    deferred = ResultsStore(tmp_path / "deferred" / "results").read(hparams=False)
+    for exp, df in (("end", end), ("deferred", deferred)):  # the same sampled trials in both: matched by values
+        df["order"] = [Layout(tmp_path / exp).trial_params(str(t)).read_text() for t in df.trial_id]
+    key, metrics = ["order", "epoch", "split", "pattern"], ["f1_non0", "acc2_non0", "mae", "corr"]
+    last = deferred[deferred.split == "valid"].groupby("order").epoch.max()
+    stopped = last[last < 3]
+    assert outcome.trials["stopped early"] == len(stopped) >= 2, "ASHA stopped trials before their last epoch"
+    layout = Layout(tmp_path / "deferred")
+    ranked = [layout.trial_params(s.trial_id).read_text()
+              for s in score_trials(layout, load_config(layout.config), deferred)]
+    tested = deferred[deferred.split == "test"].groupby("order").epoch.agg(set).to_dict()
+    for order, epoch in last.items():
+        expected = {epoch} if epoch == 3 or order in ranked[:4] else set()
+        assert tested.get(order, set()) == expected, f"trial {order} (last epoch {epoch}) test epochs"
+    assert sorted(layout.trial_params(t).read_text() for t in outcome.deferred_tests.evaluated) == \
+        sorted(o for o in stopped.index if o in ranked[:4]) and not outcome.deferred_tests.skipped
+    # Where both have rows, identical: the deferred grid comes from the weights the trial stopped with.
+    both = deferred.merge(end, on=key, suffixes=("", "_end"))
+    assert len(both) == len(deferred) and len(end) > len(deferred)
+    for m in metrics:
+        assert both[m].equals(both[f"{m}_end"]), m
