@@ -209,8 +209,8 @@ class ResultsStore:
         if stored is None or stored.num_rows == 0:
             raise KeyError(f"{self.root}: no rows of trial {run.trial_id} epoch {epoch} to add "
                            f"{', '.join(results)} to")
-        stored = stored.filter(pc.invert(pc.is_in(stored["split"], pa.array(list(results)))))
         wall_time_s = float(pc.max(stored["wall_time_s"]).as_py())
+        stored = stored.filter(pc.invert(pc.is_in(stored["split"], pa.array(list(results)))))
         added = pa.Table.from_pylist(result_rows(run, epoch, results, wall_time_s))
         return self._write(self._part_name(run.trial_id, epoch),
                            pa.concat_tables([stored, added], promote_options="permissive"))

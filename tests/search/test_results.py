@@ -61,5 +61,7 @@ def test_a_deferred_split_joins_its_stored_epoch_whether_compacted_or_not(tmp_pa
     again = store.read()
     assert (again[(again.split == "test") & (again.epoch == 1)].f1_non0 == 0.7).all(), "a split added again replaces"
     assert len(again) == len(df)
+    store.add_splits(run, 0, {"valid": {"intra:0.3": {"f1_non0": 0.5, "mae": 1.0}}})  # every stored split replaced
+    assert store.read().query("epoch == 0").f1_non0.tolist() == [0.5]
     with pytest.raises(KeyError, match="no rows of trial t1 epoch 7"):
         store.add_splits(run, 7, test)
