@@ -13,7 +13,6 @@ search does the same at its end and skips what has test rows, so nothing is eval
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 
@@ -52,6 +51,8 @@ def evaluate_deferred_tests(layout: Layout, cfg: ExperimentConfig, grid, data: S
         return outcome
     store = ResultsStore(layout.results)
     wanted = lacking_test(layout, cfg, store.read(hparams=False), cfg.search.test_top)
+    if not wanted:
+        return outcome
     results = {str((r.metrics or {}).get("trial_id")): r for r in grid}
     task = ray.remote(_test_grid).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu") or 0)
     base = cfg.model_dump(mode="json")
@@ -84,16 +85,12 @@ def _test_grid(base: dict, params: dict, checkpoint, data: SharedSplits) -> tupl
 
     from data_pipeline.loader import stage_splits
 
-    from .devices import in_process_device
-    from .trainer import build_state, evaluate_epoch, load_state
-    from .trials import STATE_FILE
+    from .trainer import evaluate_epoch
+    from .trials import trial_state, trial_threads
 
     cfg = ExperimentConfig.model_validate(base, context=TRIAL_CONTEXT).with_params(params)
-    torch.set_num_threads(cfg.train.threads or max(1, int(cfg.search.cpus_per_trial)))
+    torch.set_num_threads(trial_threads(cfg))
     splits = data.load()
-    device = in_process_device(cfg)
-    state = build_state(cfg, splits["train"], device)
-    with checkpoint.as_directory() as ckpt:
-        load_state(state, Path(ckpt) / STATE_FILE, device)
+    state, device = trial_state(cfg, splits, checkpoint)
     test = stage_splits({"test": splits["test"]}, device)
     return state.epoch - 1, evaluate_epoch(state.model, cfg, test, device)["test"]

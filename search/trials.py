@@ -48,22 +48,32 @@ def _claim_start_index(layout: Layout) -> int:
             n += 1
 
 
+def trial_threads(cfg: ExperimentConfig) -> int:
+    """Intra-op threads of an in-process trial: train.threads, else the CPUs Ray reserved for it."""
+    return cfg.train.threads or max(1, int(cfg.search.cpus_per_trial))
+
+
+def trial_state(cfg: ExperimentConfig, splits: dict, checkpoint) -> tuple[TrainState, torch.device]:
+    """An in-process trial's state, restored from `checkpoint` (a Tune checkpoint) when given,
+    and its device. The driver placed the trial (search/devices.py): cuda means Ray reserved a
+    GPU share for it and made that GPU the only one this process sees; cpu means no GPU, even
+    where the node has some (Ray leaves them visible to a trial that asked for none)."""
+    device = in_process_device(cfg)
+    state = build_state(cfg, splits["train"], device)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt:
+            load_state(state, Path(ckpt) / STATE_FILE, device)
+    return state, device
+
+
 def in_process_trial(params: dict, base: dict, data: SharedSplits) -> None:
     """train.workers = 0: train in this Tune process, report (and checkpoint) every epoch."""
     from ray import tune
 
     cfg = trial_config(params, base)
-    torch.set_num_threads(cfg.train.threads or max(1, int(cfg.search.cpus_per_trial)))
+    torch.set_num_threads(trial_threads(cfg))
     splits, data_mb = data.load_measured()  # the node's one copy in the object store, not copied
-    # The driver placed the trial (search/devices.py): cuda means Ray reserved a GPU share for
-    # it and made that GPU the only one this process sees; cpu means no GPU, even where the
-    # node has some (Ray leaves them visible to a trial that asked for none).
-    device = in_process_device(cfg)
-    state = build_state(cfg, splits["train"], device)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt:
-            load_state(state, Path(ckpt) / STATE_FILE, device)
+    state, device = trial_state(cfg, splits, tune.get_checkpoint())
 
     # A deferred test grid is evaluated after the search from a stopped trial's latest
     # checkpoint: so every epoch where ASHA may stop it is checkpointed, whatever checkpoint_every.
