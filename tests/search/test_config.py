@@ -195,5 +195,6 @@ def test_a_deferred_test_grid_needs_in_process_trials():
     """Ray Train's checkpoints are not what search/deferred_test.py loads: refused with the config."""
     with pytest.raises(ConfigError, match=r"train.eval_test.: deferred needs in-process trials .* train.workers: 2"):
         load_config(CONFIGS / "quick.yaml", ["train.eval_test=deferred", "train.workers=2"])
-    assert load_config(CONFIGS / "quick.yaml", ["train.eval_test=deferred", "search.test_top=0"]) \
-        .search.test_top == 0
+    load_config(CONFIGS / "quick.yaml", ["train.eval_test=deferred"])  # in-process trials: accepted
+    with pytest.raises(ConfigError, match=r"search.test_top"):
+        load_config(CONFIGS / "quick.yaml", ["train.eval_test=deferred", "search.test_top=-1"])
