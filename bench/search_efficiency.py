@@ -26,8 +26,10 @@ every method) and in trial-epochs spent (load-independent). `--target auto`: the
 the methods' median best objectives, so each method reaches it in at least half its seeds.
 
 Prints `name=value` lines: one `run` line per search, then per method the median and range
-over seeds of time_to_target_s, trial_epochs_to_target, best and wall_s, and each method's
-speedup in median time to target over random-sequential.
+over seeds of time_to_target_s, trial_epochs_to_target, best, wall_s and
+wall_s_per_trial_epoch, and each method's speedup in median time to target over
+random-sequential, with its two factors: the ratio of median trial-epochs to target, and of
+median wall seconds per trial-epoch (whole runs).
 
 From random-sequential's runs (every trial trained to the end, configurations drawn at random)
 it also prints the landscape the methods search, which bounds what any of them can gain:
@@ -180,19 +182,26 @@ def main() -> None:
     else:
         target = float(args.target)
     print(f"target={target:.4f}")
-    time_medians = {}
+    time_medians, epoch_medians, epoch_seconds = {}, {}, {}
     for method, rs in runs.items():
         hits = [reached(r["curve"], target, sign) for r in rs]
         seconds = [h[0] for h in hits]
         time_medians[method] = statistics.median(seconds)
+        epoch_medians[method] = statistics.median(h[1] for h in hits)
+        epoch_seconds[method] = statistics.median(r["wall"] / len(r["curve"]) for r in rs)
         print(f"{method}.time_to_target_s={summary(seconds, counted=True)}")
         print(f"{method}.trial_epochs_to_target={summary([h[1] for h in hits], counted=True)}")
         print(f"{method}.best={summary([r['best'] for r in rs])}")
         print(f"{method}.wall_s={summary([r['wall'] for r in rs])}")
+        print(f"{method}.wall_s_per_trial_epoch={summary([r['wall'] / len(r['curve']) for r in rs])}")
     if SEQUENTIAL in time_medians:
+        # The speedup in time is about the product of two: fewer trial-epochs to the target
+        # (the sampler and scheduler) and less wall time per trial-epoch (concurrent trials).
         for method, median in time_medians.items():
             if method != SEQUENTIAL:
-                print(f"{method}.speedup_vs_sequential={time_medians[SEQUENTIAL] / median:.2f}")
+                print(f"{method}.speedup_vs_sequential={time_medians[SEQUENTIAL] / median:.2f} "
+                      f"{method}.trial_epoch_ratio_vs_sequential={epoch_medians[SEQUENTIAL] / epoch_medians[method]:.2f} "
+                      f"{method}.throughput_ratio_vs_sequential={epoch_seconds[SEQUENTIAL] / epoch_seconds[method]:.2f}")
         per_seed = [landscape(r["points"], target, sign) for r in runs[SEQUENTIAL]]
         for name in per_seed[0]:
             print(f"landscape.{name}={summary([figures.get(name, math.nan) for figures in per_seed])}")
