@@ -186,14 +186,16 @@ def main() -> None:
     for method, rs in runs.items():
         hits = [reached(r["curve"], target, sign) for r in rs]
         seconds = [h[0] for h in hits]
+        spent = [h[1] for h in hits]
+        per_epoch = [r["wall"] / len(r["curve"]) for r in rs]
         time_medians[method] = statistics.median(seconds)
-        epoch_medians[method] = statistics.median(h[1] for h in hits)
-        epoch_seconds[method] = statistics.median(r["wall"] / len(r["curve"]) for r in rs)
+        epoch_medians[method] = statistics.median(spent)
+        epoch_seconds[method] = statistics.median(per_epoch)
         print(f"{method}.time_to_target_s={summary(seconds, counted=True)}")
-        print(f"{method}.trial_epochs_to_target={summary([h[1] for h in hits], counted=True)}")
+        print(f"{method}.trial_epochs_to_target={summary(spent, counted=True)}")
         print(f"{method}.best={summary([r['best'] for r in rs])}")
         print(f"{method}.wall_s={summary([r['wall'] for r in rs])}")
-        print(f"{method}.wall_s_per_trial_epoch={summary([r['wall'] / len(r['curve']) for r in rs])}")
+        print(f"{method}.wall_s_per_trial_epoch={summary(per_epoch)}")
     if SEQUENTIAL in time_medians:
         # The speedup in time is about the product of two: fewer trial-epochs to the target
         # (the sampler and scheduler) and less wall time per trial-epoch (concurrent trials).
