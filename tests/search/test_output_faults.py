@@ -12,6 +12,7 @@ Needs root (or CAP_SYS_ADMIN) to mount; skipped otherwise.
 """
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import re
@@ -55,19 +56,26 @@ class Tmpfs:
 
     root: Path
     kind: str
-    faulted_with: list[str] = field(default_factory=list)  # the part files there at the fault
+    faulted_with: list[tuple[str, int]] = field(default_factory=list)  # the (trial, epoch)s stored at the fault
     done: threading.Event = field(default_factory=threading.Event)  # the command returned: no fault any more
 
     def fault(self) -> None:
         assert os.path.ismount(self.root), "never fill the disk beneath"
         if self.kind == "full":
-            with open(self.root / ".filler", "wb") as fh:  # outside the run / experiment dir
-                try:
-                    for _ in range(SIZE_MB * 16 + 1):  # 64 KiB at a time: one more than fits
-                        fh.write(b"\0" * 65536)
-                        fh.flush()
-                except OSError:
-                    pass
+            # One write() of more than the tmpfs holds: the kernel fills it to the last page and
+            # returns short, in one system call with the GIL released. (64 KiB writes through a
+            # buffered file took up to a second on a busy box, with the CLI's thread holding the
+            # GIL in between: the trial failed on the half-filled disk, and its compaction still
+            # fitted, before the fault's part files were listed.)
+            fd = os.open(self.root / ".filler", os.O_WRONLY | os.O_CREAT)  # outside the run / experiment dir
+            try:
+                os.write(fd, bytes((SIZE_MB + 1) << 20))
+                os.write(fd, b"\0")  # raises: nothing is left
+                raise AssertionError(f"{self.root} is not full after writing {SIZE_MB + 1} MiB")
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+            finally:
+                os.close(fd)
         else:
             for step in (["mount", "--bind", str(self.root), str(self.root)],
                          ["mount", "-o", "remount,bind,ro", str(self.root)]):
@@ -127,6 +135,13 @@ def store(tmp_path_factory) -> Path:
     return write_store(synthesize("mosi-aligned", seed=0, scale=0.03), tmp_path_factory.mktemp("data") / "store")
 
 
+def stored_epochs(results: Path) -> list[tuple[str, int]]:
+    """The (trial, epoch)s whose rows `results` holds, in parts or in a trial's compacted file:
+    compared by rows, not file names, since a trial that ends compacts its parts into one file."""
+    df = ResultsStore(results).read(hparams=False)
+    return sorted({(str(trial), int(epoch)) for trial, epoch in zip(df.trial_id, df.epoch)})
+
+
 def fault_after_first_part(disk: Tmpfs, results: Path) -> threading.Thread:
     """A thread that waits for the first part file, then makes `disk` full or read-only (none
     when the command ends first)."""
@@ -135,7 +150,7 @@ def fault_after_first_part(disk: Tmpfs, results: Path) -> threading.Thread:
             time.sleep(0.02)
         if not disk.done.is_set():
             disk.fault()
-            disk.faulted_with.extend(sorted(p.name for p in results.glob("part-*.parquet")))
+            disk.faulted_with.extend(stored_epochs(results))
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -177,12 +192,11 @@ def litter(folder: Path, kind: str) -> list[str]:
 
 
 def check_rows_intact(disk: Tmpfs, results: Path, epochs: int) -> None:
-    """Exactly the parts there at the fault, each whole; no partial part beside them."""
+    """Exactly the epochs stored at the fault, each whole; no partial file beside them."""
     assert disk.faulted_with, "the fault came before any part was written"
     litter(results, disk.kind)
-    parts = sorted(name for name in os.listdir(results) if not name.startswith("."))
-    assert parts == disk.faulted_with, "a part written after the fault, or a partial one"
-    df = ResultsStore(results).read()
+    assert stored_epochs(results) == disk.faulted_with, "an epoch stored after the fault, or one lost"
+    df = ResultsStore(results).read()  # every file whole: a partial one would not read
     per_epoch = df.groupby(["trial_id", "epoch"]).size()
     assert (per_epoch == ROWS_PER_EPOCH).all() and len(per_epoch) == len(disk.faulted_with), per_epoch
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
