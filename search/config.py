@@ -122,6 +122,15 @@ class TPEConfig(BaseModel):
     constant_liar: bool = False
 
 
+class GPConfig(BaseModel):
+    """Options of Optuna's Gaussian-process sampler (search.sampler: gp); Optuna's own defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Random trials before the GP models the results.
+    n_startup_trials: int = Field(10, ge=0)
+
+
 class ASHAConfig(BaseModel):
     """Ray's ASHA (search.scheduler: asha), one bracket: a trial may be stopped after epochs
     grace_period * reduction_factor**k, where it is not in the best 1 / reduction_factor of the
@@ -156,6 +165,7 @@ class SearchConfig(BaseModel):
     # interleaved (bench/search_efficiency.py; README, Benchmarks).
     sampler: Literal["gp", "tpe", "random", "cmaes", "nsga2"] = "gp"
     tpe: TPEConfig = Field(default_factory=TPEConfig)
+    gp: GPConfig = Field(default_factory=GPConfig)
     scheduler: Literal["asha", "pbt", "none"] = "asha"
     asha: ASHAConfig = Field(default_factory=ASHAConfig)
     # PBT: epochs between exploit/explore steps (loss weights and GRL lambda_max mutate).
@@ -180,15 +190,22 @@ class SearchConfig(BaseModel):
     # empty: SQLite in the experiment directory.
     storage: str = ""
 
+    def sampler_options(self) -> dict[str, Any]:
+        """The keyword arguments of `sampler`'s Optuna class that search.<sampler> sets."""
+        options = getattr(self, self.sampler, None)
+        return options.model_dump() if isinstance(options, BaseModel) else {}
+
     @model_validator(mode="after")
-    def _tpe_options_need_tpe(self) -> "SearchConfig":
+    def _sampler_options_need_their_sampler(self) -> "SearchConfig":
         # Options of a sampler that is not used would be ignored without a word.
-        defaults = TPEConfig().model_dump()
-        changed = [f"search.tpe.{k}" for k, v in self.tpe.model_dump().items() if v != defaults[k]]
-        if self.sampler != "tpe" and changed:
-            which, them = ("sets an option", "it") if len(changed) == 1 else ("set options", "them")
-            raise ValueError(f"{', '.join(changed)} {which} of the TPE sampler, but search.sampler is "
-                             f"{self.sampler!r}; set search.sampler: tpe, or drop {them}")
+        for name, title in (("tpe", "TPE"), ("gp", "GP")):
+            options = getattr(self, name)
+            defaults = type(options)().model_dump()
+            changed = [f"search.{name}.{k}" for k, v in options.model_dump().items() if v != defaults[k]]
+            if self.sampler != name and changed:
+                which, them = ("sets an option", "it") if len(changed) == 1 else ("set options", "them")
+                raise ValueError(f"{', '.join(changed)} {which} of the {title} sampler, but search.sampler is "
+                                 f"{self.sampler!r}; set search.sampler: {name}, or drop {them}")
         return self
 
     @field_validator("objectives")

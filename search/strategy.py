@@ -30,8 +30,7 @@ def searcher(cfg: ExperimentConfig, layout: Layout, storage=None):
     samplers = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
                 "random": optuna.samplers.RandomSampler,
                 "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}
-    options = cfg.search.tpe.model_dump() if cfg.search.sampler == "tpe" else {}
-    sampler = samplers[cfg.search.sampler](seed=cfg.search.seed, **options)
+    sampler = samplers[cfg.search.sampler](seed=cfg.search.seed, **cfg.search.sampler_options())
     storage = storage or study_storage(layout)
     if cfg.search.objectives:
         metric = [f"{OBJECTIVE}/{name}" for name in cfg.search.objectives]

@@ -154,6 +154,22 @@ def test_tpe_options_reach_the_sampler(tmp_path):
         load_config(Path(__file__).resolve().parents[2] / "configs" / "quick.yaml", ["search.tpe.multivariate=true"])
 
 
+def test_gp_options_reach_the_sampler_and_are_refused_with_another(tmp_path):
+    from search.layout import Layout
+    from search.strategy import searcher
+
+    quick = Path(__file__).resolve().parents[2] / "configs" / "quick.yaml"
+    cfg = load_config(quick, ["search.gp.n_startup_trials=4"])
+    sampler = searcher(cfg, Layout(tmp_path)).searcher._sampler
+    # A private attribute of Optuna's GPSampler: a contract on its internals.
+    assert sampler._n_startup_trials == 4
+    (tmp_path / "default").mkdir()
+    assert searcher(load_config(quick), Layout(tmp_path / "default")).searcher._sampler._n_startup_trials == 10
+    with pytest.raises(ConfigError, match="search.gp.n_startup_trials sets an option of the GP sampler, but "
+                                          "search.sampler is 'tpe'; set search.sampler: gp, or drop it"):
+        load_config(quick, ["search.sampler=tpe", "search.gp.n_startup_trials=4"])
+
+
 def test_gp_sampler_searches_through_tunes_searcher_with_trials_pending(tmp_path):
     """search.sampler: gp is Optuna's GPSampler behind the same Tune searcher: asked while
     another trial runs (max_concurrent 2), it finds the optimum of a smooth function far
