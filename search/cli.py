@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -439,6 +440,9 @@ def ctrl_c_latch() -> Iterator[Callable[[float], None]]:
         if pressed.wait(seconds):
             raise KeyboardInterrupt
 
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started so (a shell's background job): keep it
+        yield time.sleep
+        return
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield sleep

@@ -314,6 +314,13 @@ def test_a_ctrl_c_whose_interrupt_was_swallowed_still_ends_the_watch_at_its_next
         with pytest.raises(KeyboardInterrupt):
             sleep(0)  # still latched: every later sleep ends the watch too
     assert signal.getsignal(signal.SIGINT) is before
+    # Started with Ctrl-C ignored (a shell's background job): it stays ignored.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with ctrl_c_latch() as sleep:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and sleep is time.sleep
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # --- in a browser, offline ---
