@@ -191,16 +191,19 @@ class SearchConfig(BaseModel):
     # empty: SQLite in the experiment directory.
     storage: str = ""
 
+    def _options_by_sampler(self) -> dict[str, BaseModel]:
+        return {"tpe": self.tpe, "gp": self.gp}
+
     def sampler_options(self) -> dict[str, Any]:
         """The keyword arguments of `sampler`'s Optuna class that search.<sampler> sets."""
-        options = getattr(self, self.sampler, None)
-        return options.model_dump() if isinstance(options, BaseModel) else {}
+        options = self._options_by_sampler().get(self.sampler)
+        return options.model_dump() if options is not None else {}
 
     @model_validator(mode="after")
     def _sampler_options_need_their_sampler(self) -> "SearchConfig":
         # Options of a sampler that is not used would be ignored without a word.
-        for name, title in (("tpe", "TPE"), ("gp", "GP")):
-            options = getattr(self, name)
+        for name, options in self._options_by_sampler().items():
+            title = name.upper()
             defaults = type(options)().model_dump()
             changed = [f"search.{name}.{k}" for k, v in options.model_dump().items() if v != defaults[k]]
             if self.sampler != name and changed:
