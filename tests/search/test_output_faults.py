@@ -135,11 +135,15 @@ def store(tmp_path_factory) -> Path:
     return write_store(synthesize("mosi-aligned", seed=0, scale=0.03), tmp_path_factory.mktemp("data") / "store")
 
 
-def stored_epochs(results: Path) -> list[tuple[str, int]]:
-    """The (trial, epoch)s whose rows `results` holds, in parts or in a trial's compacted file:
-    compared by rows, not file names, since a trial that ends compacts its parts into one file."""
-    df = ResultsStore(results).read(hparams=False)
+def epochs_of(df) -> list[tuple[str, int]]:
+    """The (trial, epoch)s of results rows: compared by rows, not file names, since a trial
+    that ends compacts its parts into one file."""
     return sorted({(str(trial), int(epoch)) for trial, epoch in zip(df.trial_id, df.epoch)})
+
+
+def stored_epochs(results: Path) -> list[tuple[str, int]]:
+    """The (trial, epoch)s whose rows `results` holds, in parts or in a trial's compacted file."""
+    return epochs_of(ResultsStore(results).read(hparams=False))
 
 
 def fault_after_first_part(disk: Tmpfs, results: Path) -> threading.Thread:
@@ -195,8 +199,10 @@ def check_rows_intact(disk: Tmpfs, results: Path, epochs: int) -> None:
     """Exactly the epochs stored at the fault, each whole; no partial file beside them."""
     assert disk.faulted_with, "the fault came before any part was written"
     litter(results, disk.kind)
-    assert stored_epochs(results) == disk.faulted_with, "an epoch stored after the fault, or one lost"
+    files = [name for name in os.listdir(results) if not name.startswith(".")]
+    assert all(re.fullmatch(r"(part-.+-epoch\d{5}|trial-.+)\.parquet", name) for name in files), files
     df = ResultsStore(results).read()  # every file whole: a partial one would not read
+    assert epochs_of(df) == disk.faulted_with, "an epoch stored after the fault, or one lost"
     per_epoch = df.groupby(["trial_id", "epoch"]).size()
     assert (per_epoch == ROWS_PER_EPOCH).all() and len(per_epoch) == len(disk.faulted_with), per_epoch
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
