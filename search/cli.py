@@ -428,8 +428,7 @@ def ctrl_c_latch() -> Iterator[Callable[[float], None]]:
     """Yield a sleep that raises KeyboardInterrupt once Ctrl-C was pressed in the block, even
     where that press's KeyboardInterrupt was lost: Python raises it in whatever code runs when
     the signal arrives, and C code that clears every error (some attribute lookups do) can
-    swallow it. Once in the suite a watch rendered on for 30 s after Ctrl-C; where the
-    interrupt went was not found. Main thread only."""
+    swallow it. Main thread only."""
     pressed = threading.Event()
 
     def on_sigint(signum, frame):

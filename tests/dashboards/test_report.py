@@ -277,7 +277,18 @@ def test_cli_refuses_what_it_cannot_report_in_one_line(train_run, tmp_path, msa_
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_cli_watch_stops_cleanly_on_ctrl_c(train_run, tmp_path):
+@pytest.fixture
+def ctrl_c_at_its_default():
+    """Python's own Ctrl-C handler for the test. A suite started as a background job of a shell
+    without job control (`nohup make test &` in a script) inherits Ctrl-C ignored, and a Python
+    started so keeps it ignored, as do its children: these tests would then fail for how the
+    suite was launched (seen 2026-11-29), not for the watch."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # children start at SIG_DFL
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_cli_watch_stops_cleanly_on_ctrl_c(train_run, tmp_path, ctrl_c_at_its_default):
     out = tmp_path / "watched.html"
     proc = subprocess.Popen([sys.executable, "-m", "search.cli", "report", str(train_run), "--out", str(out),
                              "--watch", "--interval", "0.2"], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -294,10 +305,9 @@ def test_cli_watch_stops_cleanly_on_ctrl_c(train_run, tmp_path):
     assert stdout.strip().endswith("stopped") and out.read_text().count(PLOTLY_BANNER) == 1
 
 
-def test_a_ctrl_c_whose_interrupt_was_swallowed_still_ends_the_watch_at_its_next_sleep():
+def test_a_ctrl_c_whose_interrupt_was_swallowed_still_ends_the_watch_at_its_next_sleep(ctrl_c_at_its_default):
     """Python raises Ctrl-C's KeyboardInterrupt in whatever code runs when the signal comes, and
-    C code that clears every error can lose it (once in the suite the watch above rendered on
-    for 30 s after Ctrl-C). The watch's next sleep ends it all the same."""
+    C code that clears every error can lose it. The watch's next sleep ends it all the same."""
     from search.cli import ctrl_c_latch
 
     before = signal.getsignal(signal.SIGINT)
