@@ -15,8 +15,8 @@ import ray
 from search.ray_setup import ensure_ray
 
 
-def jobs_api_status(headers: dict) -> int:
-    request = urllib.request.Request("http://127.0.0.1:8265/api/jobs/", headers=headers)
+def jobs_api_status(dashboard: str, headers: dict) -> int:
+    request = urllib.request.Request(f"http://{dashboard}/api/jobs/", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=20) as response:
             return response.status
@@ -26,18 +26,21 @@ def jobs_api_status(headers: dict) -> int:
 
 def main() -> None:
     ensure_ray(None)
+    # Where this cluster's dashboard listens: 8265 unless another cluster on the machine holds it
+    # (Ray then takes the next free port), and asking 8265 would then ask that other cluster.
+    dashboard = ray._private.worker._global_node.webui_url
     token = (os.path.expanduser("~/.ray/auth_token"))
     deadline = time.monotonic() + 60
     while True:  # the dashboard answers a few seconds after ray.init returns
         try:
-            without = jobs_api_status({})
+            without = jobs_api_status(dashboard, {})
             break
         except (urllib.error.URLError, ConnectionError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
     with open(token) as f:
-        with_token = jobs_api_status({"Authorization": f"Bearer {f.read().strip()}"})
+        with_token = jobs_api_status(dashboard, {"Authorization": f"Bearer {f.read().strip()}"})
     me = psutil.Process()
     procs = {p.pid: p for p in me.children(recursive=True)} | {me.pid: me}
     listening = []
@@ -47,7 +50,8 @@ def main() -> None:
             listening.append({"name": "driver" if proc.pid == me.pid else proc.name(),
                               "cmdline": " ".join(proc.cmdline()), "ip": conn.laddr.ip, "port": conn.laddr.port})
     print(json.dumps({"auth_mode": os.environ.get("RAY_AUTH_MODE"), "without_token": without,
-                      "with_token": with_token, "listening": listening}))
+                      "with_token": with_token, "dashboard_port": int(dashboard.rpartition(":")[2]),
+                      "listening": listening}))
     ray.shutdown()
 
 

@@ -47,7 +47,7 @@ def test_the_jobs_api_refuses_a_request_without_the_token(probe):
 
 
 def test_the_dashboard_is_on_loopback_and_every_other_listener_is_documented(probe):
-    dashboard = [s for s in probe["listening"] if s["port"] == 8265]
+    dashboard = [s for s in probe["listening"] if s["port"] == probe["dashboard_port"]]
     assert dashboard and all(s["ip"] in LOOPBACK for s in dashboard), dashboard
     readme = (ROOT / "README.md").read_text()
     for socket in probe["listening"]:
