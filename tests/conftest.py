@@ -10,6 +10,21 @@ from data_pipeline.store import write_store
 from data_pipeline.synth import synthesize
 
 
+def pytest_configure(config):
+    """Before pytest-xdist starts its workers (this runs in the controller, or in the one process
+    without xdist): write Ray's token file (~/.ray/auth_token) where it is missing, as the first
+    private cluster would. Otherwise the two workers' first clusters can each write a token of
+    their own at once, and one cluster then reads the other's."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller did it
+        return
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+    from ray._raylet import AuthenticationTokenLoader
+
+    # What `ray get-auth-token --generate` does, without its process start.
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        generate_and_save_token()
+
+
 @pytest.fixture(scope="session")
 def tiny_mosi():
     """Unaligned MOSI shapes (375 audio / 500 video frames), ~45 samples."""
@@ -35,6 +50,8 @@ def msa_cli(monkeypatch, capsys):
     def run(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["msa-search", *args])
         monkeypatch.setenv("COLUMNS", "250")
+        for console in (cli.console, cli.err_console):  # a COLUMNS set when they were made fixed their width
+            monkeypatch.setattr(console, "_width", 250)  # (pytest-xdist's workers run with COLUMNS=80)
         with pytest.raises(SystemExit) as exit_info:
             cli.main()
         captured = capsys.readouterr()
