@@ -5,6 +5,8 @@ TorchTrainer here, so they keep the same checkpoints, failure handling and backe
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from .config import ExperimentConfig
@@ -46,13 +48,51 @@ def ensure_ray(address: str | None) -> None:
         _check_reachable(address)
         ray.init(address=address, log_to_driver=False)
     else:
-        # Token auth is on: Ray 2.60's default for a new local cluster, which also writes the
-        # token (~/.ray/auth_token; setting RAY_AUTH_MODE=token ourselves would skip that and
-        # the GCS would not start on a machine without one). The Jobs API on the dashboard's
+        # Token auth is on: Ray 2.60's default for a new local cluster, which reads the token from
+        # ~/.ray/auth_token (written owner-only here first; Ray's own would be world-readable).
+        # Setting RAY_AUTH_MODE=token ourselves is not needed. The Jobs API on the dashboard's
         # port runs any command it is sent (CVE-2023-48022); tests/cluster/test_private_cluster.py
         # checks that it refuses a request without the token. What listens where: README, "Cluster".
+        note = owner_only_token()
+        if note:
+            print(note, file=sys.stderr)
         ray.init(address="local", log_to_driver=False, dashboard_host="127.0.0.1",
                  _system_config=LOCAL_RAY_SYSTEM_CONFIG, runtime_env=WARM_WORKERS)
+
+
+def owner_only_token(home: Path | None = None) -> str | None:
+    """Make the private cluster's token file (~/.ray/auth_token) readable by its owner alone.
+
+    Ray 2.60 writes a new one with the process's umask: readable by every user of the machine
+    under the usual 022, and any of them could then run commands as you through the Jobs API,
+    which listens on loopback for all of them. So the token is written here first, owner-only
+    (Ray then finds it and uses it), and an existing one others can read is made owner-only.
+    Returns a line for the user when a file changed mode, else None. Left alone: token auth
+    turned off (RAY_AUTH_MODE) and a token the user points Ray to (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH)."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or \
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    path = (home or Path.home()) / ".ray" / "auth_token"  # Ray's default path (`ray get-auth-token`)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = path.stat().st_mode & 0o777
+        if not mode & 0o077:
+            return None
+        try:
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            return (f"warning: {path} is readable by other users (mode {mode:o}) and could not be made "
+                    f"owner-only ({exc.strerror}): whoever reads it can run commands through your Ray clusters")
+        return (f"note: {path} was readable by other users (mode {mode:o}); made it owner-only (600): "
+                "whoever reads it can run commands through your Ray clusters")
+    with os.fdopen(fd, "w") as f:
+        f.write(generate_new_authentication_token())
+    return None
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:

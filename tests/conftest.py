@@ -13,16 +13,13 @@ from data_pipeline.synth import synthesize
 def pytest_configure(config):
     """Before pytest-xdist starts its workers (this runs in the controller, or in the one process
     without xdist): write Ray's token file (~/.ray/auth_token) where it is missing, as the first
-    private cluster would. Otherwise the two workers' first clusters can each write a token of
+    private cluster would (search/ray_setup.py). Otherwise the two workers' first clusters can each write a token of
     their own at once, and one cluster then reads the other's."""
     if hasattr(config, "workerinput"):  # an xdist worker: the controller did it
         return
-    from ray._private.authentication.authentication_token_setup import generate_and_save_token
-    from ray._raylet import AuthenticationTokenLoader
+    from search.ray_setup import owner_only_token
 
-    # What `ray get-auth-token --generate` does, without its process start.
-    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
-        generate_and_save_token()
+    owner_only_token()
 
 
 @pytest.fixture(scope="session")

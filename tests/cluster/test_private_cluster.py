@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from search.ray_setup import owner_only_token
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -42,6 +45,7 @@ def probe(tmp_path_factory) -> dict:
 
 def test_the_jobs_api_refuses_a_request_without_the_token(probe):
     assert probe["auth_mode"] == "token"
+    assert probe["token_mode"] == 0o600, f"token file mode {probe['token_mode']:o}: other users could read it"
     assert probe["without_token"] == 401
     assert probe["with_token"] == 200
 
@@ -56,3 +60,28 @@ def test_the_dashboard_is_on_loopback_and_every_other_listener_is_documented(pro
         who = next((key for key in DOCUMENTED if key in socket["name"] or key in socket["cmdline"]), None)
         assert who is not None, f"undocumented listener on {socket['ip']}:{socket['port']}: {socket['cmdline'][:200]}"
         assert f"`{who}`" in readme, f"README's list lacks `{who}` ({DOCUMENTED[who]})"
+
+
+def test_the_token_file_is_made_owner_only(tmp_path, monkeypatch):
+    """Ray writes a new token with the umask (0644 under the usual 022): every user of the machine
+    could read it and run commands through the Jobs API on loopback."""
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    previous = os.umask(0o022)
+    try:
+        token = tmp_path / ".ray" / "auth_token"
+        assert owner_only_token(tmp_path) is None  # none yet: written owner-only
+        value = token.read_text()
+        assert token.stat().st_mode & 0o777 == 0o600 and re.fullmatch(r"[0-9a-f]{64}", value)
+        token.chmod(0o644)  # as Ray writes one
+        note = owner_only_token(tmp_path)
+        assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == value
+        assert note.startswith(f"note: {token} was readable by other users (mode 644)"), note
+        assert owner_only_token(tmp_path) is None  # nothing more to say
+        token.chmod(0o644)
+        for name, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_AUTH_TOKEN_PATH", str(token))):
+            monkeypatch.setenv(name, value)  # the user's own choice: left alone
+            assert owner_only_token(tmp_path) is None and token.stat().st_mode & 0o777 == 0o644
+            monkeypatch.delenv(name)
+    finally:
+        os.umask(previous)
