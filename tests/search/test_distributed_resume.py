@@ -44,10 +44,15 @@ def epochs_logged(run: Path) -> list[dict]:
 
 
 def train_workers(driver_pid: int) -> list[psutil.Process]:
+    """The Ray Train workers of this driver's private cluster (its raylet, and so its workers,
+    descend from the driver), never those of another run on the machine (a parallel test's)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-            found.append(p)
+    for p in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
     return found
 
 
