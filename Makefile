@@ -39,7 +39,7 @@ run: install
 # first measured slower, 834 s against 780 s: the two heaviest Ray modules then overlap). Most
 # of a test's wall time is waiting on processes (Ray, trials, the CLI's subprocesses): in one
 # process the suite's CPU time (time(1): ~610 s) was a quarter of 2 cores x its wall time
-# (1,150 s). On 2 cores, 2026-11-29: 13-14 min with two workers against 19 min in one process.
+# (1,150 s). On 2 cores, 2026-11-29: 13-14.5 min with two workers against 19 min in one process.
 # TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: install system-packages

@@ -13,8 +13,8 @@ from data_pipeline.synth import synthesize
 def pytest_configure(config):
     """Before pytest-xdist starts its workers (this runs in the controller, or in the one process
     without xdist): write Ray's token file (~/.ray/auth_token) where it is missing, as the first
-    private cluster would (search/ray_setup.py). Otherwise the two workers' first clusters can each write a token of
-    their own at once, and one cluster then reads the other's."""
+    private cluster would (search/ray_setup.py). Otherwise the two workers' first clusters can
+    each write a token of their own at once, and one cluster then reads the other's."""
     if hasattr(config, "workerinput"):  # an xdist worker: the controller did it
         return
     from search.ray_setup import owner_only_token

@@ -50,9 +50,8 @@ def main() -> None:
             listening.append({"name": "driver" if proc.pid == me.pid else proc.name(),
                               "cmdline": " ".join(proc.cmdline()), "ip": conn.laddr.ip, "port": conn.laddr.port})
     print(json.dumps({"auth_mode": os.environ.get("RAY_AUTH_MODE"), "token_mode": os.stat(token).st_mode & 0o777,
-                      "without_token": without,
-                      "with_token": with_token, "dashboard_port": int(dashboard.rpartition(":")[2]),
-                      "listening": listening}))
+                      "without_token": without, "with_token": with_token,
+                      "dashboard_port": int(dashboard.rpartition(":")[2]), "listening": listening}))
     ray.shutdown()
 
 

@@ -79,8 +79,8 @@ def test_the_token_file_is_made_owner_only(tmp_path, monkeypatch):
         assert note.startswith(f"note: {token} was readable by other users (mode 644)"), note
         assert owner_only_token(tmp_path) is None  # nothing more to say
         token.chmod(0o644)
-        for name, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_AUTH_TOKEN_PATH", str(token))):
-            monkeypatch.setenv(name, value)  # the user's own choice: left alone
+        for name, setting in (("RAY_AUTH_MODE", "disabled"), ("RAY_AUTH_TOKEN_PATH", str(token))):
+            monkeypatch.setenv(name, setting)  # the user's own choice: left alone
             assert owner_only_token(tmp_path) is None and token.stat().st_mode & 0o777 == 0o644
             monkeypatch.delenv(name)
     finally:
