@@ -31,7 +31,7 @@ from rich.text import Text
 from .callbacks import failure_reason
 from .config import ExperimentConfig
 from .objective import OBJECTIVE, is_better
-from .results import reported_results
+from .results import epoch_label, reported_results
 
 REDRAW_S = 0.5  # the terminal panel's refresh; Tune steps far more often
 
@@ -166,7 +166,7 @@ class SearchProgress:
     def panel(self, now: float | None = None) -> Group:
         """The terminal view: a header, the best so far, and one row per running trial."""
         table = Table(box=None, pad_edge=False, header_style="bold")
-        for column in ("trial", "status", "epoch", self.objective):
+        for column in ("trial", "status", "epochs", self.objective):  # epochs done / train.epochs
             table.add_column(column, justify="left" if column in ("trial", "status") else "right")
         shown = [(k, t) for k, t in self.trials.items() if t.status in ("running", "paused")]
         for trial_id, t in shown:
@@ -275,12 +275,13 @@ class ConsoleView(tune.Callback):
             return
         best = self.progress.reported(trial.trial_id, result)
         objective = self.progress.trials[trial.trial_id].objective
-        self._event(trial.trial_id, f"epoch {int(result['epoch']) + 1}/{self.progress.epochs} "
+        self._event(trial.trial_id, f"{epoch_label(int(result['epoch']), self.progress.epochs)} "
                                     f"{self.progress.objective} {objective:.4f}" + (" (new best)" if best else ""))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         line = self.progress.ended(trial.trial_id, last_epoch=_last_epoch(trial))
-        self._event(trial.trial_id, line.status + (f" after {line.epoch + 1} epochs" if line.epoch >= 0 else ""))
+        done = line.epoch + 1
+        self._event(trial.trial_id, line.status + (f" after {done} epoch{'s' if done > 1 else ''}" if done else ""))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.progress.ended(trial.trial_id, error=failure_reason(trial))

@@ -23,6 +23,7 @@ from .config import ExperimentConfig, load_config
 from .layout import Layout
 from .devices import place, visible_gpus
 from .ray_setup import cluster_of, ensure_ray, torch_trainer
+from .results import epoch_label
 from .run import check_new_run_dir, new_run_dir
 from .shared_data import share_splits
 from .storage import check_location
@@ -106,7 +107,7 @@ def _print_epochs(layout: Layout, cfg: ExperimentConfig, console: Console, stop:
         for raw in lines[seen:]:
             e = json.loads(raw)
             terms = "  ".join(f"{k} {v:.3f}" for k, v in e["losses"].items() if k != "total")
-            console.print(f"epoch {e['epoch'] + 1}/{cfg.train.epochs}  loss {e['losses']['total']:.4f}  {terms}  "
+            console.print(f"{epoch_label(e['epoch'], cfg.train.epochs)}  loss {e['losses']['total']:.4f}  {terms}  "
                           f"valid {cfg.search.objective} {e['objective']:.4f}"
                           + ("  (checkpoint)" if e["checkpoint"] else ""), highlight=False)
         seen = len(lines)

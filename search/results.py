@@ -41,6 +41,13 @@ HP_PREFIX = "hp."  # the columns of a run's flattened config
 EpochResults = dict[str, PatternMetrics]  # split -> pattern name -> metric -> value
 
 
+def epoch_label(epoch: int, epochs: int) -> str:
+    """An epoch as every line a person reads names it: its 0-based index, as stored in the
+    results' `epoch` column and named by `status`, `export` and `report`, then how far the run
+    is: "epoch 2 (3/3)". (A 1-based "epoch 3/3" next to a best "at epoch 2" read as two epochs.)"""
+    return f"epoch {epoch} ({epoch + 1}/{epochs})"
+
+
 @dataclass
 class EpochReport:
     epoch: int

@@ -20,7 +20,7 @@ from data_pipeline.source import prepare_store
 
 from .config import ExperimentConfig
 from .layout import Layout
-from .results import EpochReport, ResultsStore, RunInfo, compact_finished_trial
+from .results import EpochReport, ResultsStore, RunInfo, compact_finished_trial, epoch_label
 from .storage import check_location
 from .devices import in_process_device
 from .trainer import TrainState, build_state, checkpoint_due, fit, save_state
@@ -83,7 +83,7 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
         store.append(run, report.epoch, report.results, time.perf_counter() - started)
         if checkpoint_due(state, cfg):
             save_state(state, layout.last_checkpoint)
-        console.print(f"epoch {report.epoch + 1}/{cfg.train.epochs}  loss {report.losses['total']:.4f}  "
+        console.print(f"{epoch_label(report.epoch, cfg.train.epochs)}  loss {report.losses['total']:.4f}  "
                       + "  ".join(f"{k} {v:.3f}" for k, v in report.losses.items() if k != "total")
                       + f"  valid {cfg.search.objective} {report.objective:.4f}"
                       + f"  ({report.train_time_s:.1f}s train, {report.eval_time_s:.1f}s eval)", highlight=False)

@@ -107,8 +107,9 @@ def test_the_view_writes_one_line_per_event_off_a_terminal_and_survives_pickling
         view.on_experiment_end([trial, FakeTrial("t2", "TERMINATED", {"epoch": 2}), FakeTrial("t0", "ERROR")])
     lines = stream.getvalue().splitlines()
     assert [line.split(" | ")[0] for line in lines] == [
-        "trial t1 started", "trial t1 epoch 1/3 robust_f1 0.4200 (new best)", "trial t1 stopped early after 1 epochs",
+        "trial t1 started", "trial t1 epoch 0 (1/3) robust_f1 0.4200 (new best)", "trial t1 stopped early after 1 epoch",
         "search ended"]
+    assert "(trial t1 epoch 0," in lines[1]  # the best is named by the index the line gave it
     assert "trials 2/4: 1 pending, 1 stopped early" in lines[-2]
     assert "trials 3/4: 1 completed, 1 stopped early, 1 errored" in lines[-1]
     # Ray snapshots callbacks with the experiment; the restored one keeps the state and the time spent.
