@@ -147,15 +147,29 @@ def data_inspect(store: Path = typer.Argument(..., help="A Parquet dataset direc
 
 
 # Options shared by the commands that run experiments.
-CONFIG_OPTION = typer.Option(Path("configs/quick.yaml"), "--config", help="Experiment config (YAML).")
+DEFAULT_CONFIG = Path("configs/quick.yaml")
+CONFIG_OPTION = typer.Option(None, "--config", show_default=str(DEFAULT_CONFIG), help="Experiment config (YAML).")
 SET_OPTION = typer.Option([], "--set", help="Override a config key: --set train.epochs=5 (repeatable).")
 ADDRESS_OPTION = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                               help="Ray cluster to join (default: start a private local one).")
 
 
+def _resume_keeps_its_config(resume: Path | None, config: Path | None, overrides: list[str]) -> None:
+    """A resumed run or search goes on with the config it started with (DIR/config.yaml), so a
+    --config or --set given with --resume would be ignored: refused instead of dropped silently
+    (e.g. `--set search.num_samples=50`, meant to extend a search, would otherwise do nothing)."""
+    from .config import ConfigError
+
+    given = ([f"--config {config}"] if config is not None else []) + [f"--set {o}" for o in overrides]
+    if resume is not None and given:
+        raise ConfigError(f"--resume {resume} goes on with the config it started with ({resume / 'config.yaml'}); "
+                          f"{' '.join(given)} would be ignored. To change it, start anew from that config: "
+                          f"--config {resume / 'config.yaml'} --set ... --set output.dir=NEW")
+
+
 @app.command("train")
 def train(
-    config: Path = CONFIG_OPTION,
+    config: Path | None = CONFIG_OPTION,
     set_: list[str] = SET_OPTION,
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
     address: str = ADDRESS_OPTION,
@@ -183,8 +197,9 @@ def train(
         if group is not None:
             raise ConfigError(f"--resume {resume}: a seed group; resume one of its runs, e.g. "
                               f"--resume {group.runs()[0][1]}")
+    _resume_keeps_its_config(resume, config, set_)
     overrides = [*set_, f"train.seeds=[{', '.join(map(str, parse_seeds(seeds)))}]"] if seeds is not None else set_
-    cfg = None if resume is not None else load_config(config, overrides)
+    cfg = None if resume is not None else load_config(config or DEFAULT_CONFIG, overrides)
     if cfg is not None:
         _refuse_unwritable_output(cfg)
     if cfg is not None and cfg.train.seeds:
@@ -214,7 +229,7 @@ def _train_one(cfg, resume: Path | None, address: str | None, init_from: Path | 
 
 @app.command("tune")
 def tune_cmd(
-    config: Path = CONFIG_OPTION,
+    config: Path | None = CONFIG_OPTION,
     set_: list[str] = SET_OPTION,
     resume: Path = typer.Option(None, "--resume", help="Continue this interrupted experiment."),
     address: str = ADDRESS_OPTION,
@@ -228,7 +243,8 @@ def tune_cmd(
     from .config import load_config
     from .tune import run_experiment
 
-    cfg = None if resume is not None else load_config(config, set_)
+    _resume_keeps_its_config(resume, config, set_)
+    cfg = None if resume is not None else load_config(config or DEFAULT_CONFIG, set_)
     if cfg is not None:
         _refuse_unwritable_output(cfg)
     try:

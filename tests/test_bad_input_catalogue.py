@@ -135,6 +135,13 @@ def _read_only_dir(env: Env) -> list[str]:
     return env.train(f"output.dir={env.tmp / 'ro' / 'run'}")
 
 
+def _resumed(env: Env, command: str, *given: str) -> list[str]:
+    """An existing run or experiment resumed with config options too."""
+    (env.tmp / "exp").mkdir()
+    (env.tmp / "exp" / "config.yaml").write_text("# the config it started with\n")
+    return [command, "--resume", str(env.tmp / "exp"), *given]
+
+
 def _grafana_unreachable(env: Env) -> list[str]:
     env.fmt["url"] = f"http://127.0.0.1:{_closed_port()}"
     return ["dashboards", "push", "--url", env.fmt["url"], "--timeout", "5"]
@@ -192,6 +199,12 @@ CATALOGUE: dict[str, tuple[Callable[[Env], list[str]], int, tuple[str, ...]]] = 
                            ("config key 'search.space.train.lr'", "at least one value", "got {{'choice': []}}")),
     "empty search range": (lambda e: e.train("search.space={train.lr: {uniform: [0.1, 0.01]}}", command="tune"), 2,
                            ("config key 'search.space.train.lr'", "low <= high", "got [0.1, 0.01]")),
+    # --resume goes on with the config its run or experiment started with
+    "--set with --resume (tune)": (lambda e: _resumed(e, "tune", "--set", "search.num_samples=8"), 2,
+                                   ("--resume {tmp}/exp", "the config it started with ({tmp}/exp/config.yaml)",
+                                    "--set search.num_samples=8 would be ignored")),
+    "--config with --resume (train)": (lambda e: _resumed(e, "train", "--config", QUICK), 2,
+                                       ("--resume {tmp}/exp", f"--config {QUICK} would be ignored")),
     # outputs and services
     "unwritable output dir (tune)": (lambda e: _not_a_directory(e, "tune"), 2,
                                      ("config key 'output.dir'", "a directory this user can write",
