@@ -14,6 +14,7 @@ lends it for the length of `fit()` with `showing(...)`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 import threading
@@ -254,8 +255,18 @@ class ConsoleView(tune.Callback):
         self.progress.log_path = log_path
         self._drawn = 0.0
 
-    # Ray snapshots the callback with the experiment: what was spent so far travels with it,
-    # so a resumed search's elapsed time and estimate count only time spent searching.
+    # Tune saves a callback's get_state() with each experiment snapshot and hands it back to
+    # set_state() on `--resume` (before setup): the trials, the best so far and the time spent
+    # travel with it, so a resumed search's view goes on from them (its elapsed time and
+    # estimate count only time spent searching). Pickling alone is not enough: Ray pickles the
+    # callbacks once, with the Tuner, before any trial has run.
+    def get_state(self) -> dict:
+        self.progress.prior_s = self.progress.elapsed_s()
+        return {"progress": copy.deepcopy(self.progress)}
+
+    def set_state(self, state: dict) -> None:
+        self.progress = state["progress"]
+
     def __getstate__(self) -> dict:
         self.progress.prior_s = self.progress.elapsed_s()
         return {"progress": self.progress, "_drawn": 0.0}

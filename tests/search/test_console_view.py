@@ -122,6 +122,36 @@ def test_the_view_writes_one_line_per_event_off_a_terminal_and_survives_pickling
     assert "t3" in restored.progress.trials
 
 
+def test_a_resumed_search_view_goes_on_from_the_state_tune_saved(cfg, tmp_path):
+    """Through Tune's own save and restore of callback state (what `tune --resume` runs): the
+    trials, the best and the time spent come back; a view restored from the Tuner's pickle alone
+    (taken before any trial ran) said 'best: none yet, 0s elapsed' after a resume."""
+    from ray.tune.callback import CallbackList
+
+    view = ConsoleView("exp", cfg, "/x/logs/ray.log")
+    view.setup()
+    view.progress.started -= 90  # 90 s spent searching before the driver died
+    trial = FakeTrial("t1")
+    view.on_trial_start(0, [trial], trial)
+    view.on_trial_result(1, [trial], trial, result(0, 0.42))
+    view.on_trial_complete(2, [trial], trial)
+    CallbackList([view]).save_to_dir(str(tmp_path))
+
+    resumed = ConsoleView("exp", cfg, "/x/logs/ray.log")  # as unpickled from the Tuner: empty
+    restored = CallbackList([resumed])
+    assert restored.can_restore(str(tmp_path))
+    restored.restore_from_dir(str(tmp_path))
+    resumed.setup()
+    p = resumed.progress
+    assert p.best is not None and p.best.trial_id == "t1" and p.best.objective == pytest.approx(0.42)
+    assert p.trials["t1"].status == "stopped early" and 90 <= p.elapsed_s() < 120
+    stream = io.StringIO()
+    with showing(stream):
+        resumed.on_experiment_end([FakeTrial("t1", "TERMINATED", {"epoch": 0})])
+    assert "search ended | best robust_f1 0.4200 (trial t1 epoch 0" in stream.getvalue()
+    assert "1m3" in stream.getvalue() and "trials 1/4: 1 stopped early" in stream.getvalue()
+
+
 def test_ray_and_optuna_output_go_to_the_log_and_their_warnings_are_counted(tmp_path, capsys):
     import optuna
 
