@@ -59,6 +59,16 @@ class LiveMetricsCallback(tune.Callback):
         self.__dict__.update(state)
         self._init_runtime()
 
+    # Tune saves get_state() with each experiment snapshot and hands it to set_state() on
+    # `--resume`: the best so far then stays the experiment's, not the resumed driver's alone.
+    def get_state(self) -> dict:
+        with self._lock:
+            return {"best": self._best}
+
+    def set_state(self, state: dict) -> None:
+        with self._lock:
+            self._best = state.get("best")
+
     def setup(self, **info) -> None:
         self._start()
 

@@ -155,3 +155,20 @@ def test_promtool_accepts_every_panel_expression(tmp_path):
     (tmp_path / "rules.yml").write_text(json.dumps(rules))  # JSON is YAML
     check = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_best_so_far_survives_a_resume(tmp_path):
+    """Through Tune's own save and restore of callback state (what `tune --resume` runs): the
+    experiment's best gauge goes on from the best before the driver died, not from the resumed
+    driver's first report."""
+    from ray.tune.callback import CallbackList
+
+    from search.live_metrics import LiveMetricsCallback
+
+    cfg = load_config(ROOT / "configs" / "quick.yaml", TINY)
+    before = LiveMetricsCallback("exp", cfg)
+    before._best = 0.73
+    CallbackList([before]).save_to_dir(str(tmp_path))
+    resumed = LiveMetricsCallback("exp", cfg)
+    CallbackList([resumed]).restore_from_dir(str(tmp_path))
+    assert resumed._best == 0.73
