@@ -212,19 +212,30 @@ def train(
 
 
 def _train_one(cfg, resume: Path | None, address: str | None, init_from: Path | None) -> str:
-    """One run (in-process or on Ray Train workers); returns its result line."""
-    if resume is not None or cfg.train.workers >= 1:
-        from .distributed import train_distributed
+    """One run (in-process or on Ray Train workers); returns its result line. Ctrl-C (or a
+    SIGINT) says where the run's last checkpoint is and how to go on from it."""
+    from .run import config_to_resume, train_in_process
 
-        out, metrics = train_distributed(cfg, resume_dir=resume, console=err_console, ray_address=address,
-                                         init_from=init_from)
-        return (f"done: {out} (config.yaml, results/, checkpoints/); "
-                f"last epoch valid robust_f1 {metrics.get('robust_f1', float('nan')):.4f}")
-    from .run import train_in_process
+    if resume is not None:
+        cfg = config_to_resume(resume)
+    run_dir = Path(resume or cfg.output.dir).resolve()
+    try:
+        if cfg.train.workers >= 1:
+            from .distributed import train_distributed
 
-    state, out = train_in_process(cfg, console=err_console, init_from=init_from)
-    return (f"done: {out} (config.yaml, results/, checkpoints/); "
-            f"last epoch valid {cfg.search.objective} {state.history[-1].objective:.4f}")
+            out, metrics = train_distributed(None if resume else cfg, resume_dir=resume, console=err_console,
+                                             ray_address=address, init_from=init_from)
+            return (f"done: {out} (config.yaml, results/, checkpoints/); "
+                    f"last epoch valid robust_f1 {metrics.get('robust_f1', float('nan')):.4f}")
+        state, out = train_in_process(cfg, console=err_console, init_from=init_from, resume_dir=resume)
+    except KeyboardInterrupt:
+        if run_dir.is_dir():  # gone: stopped before it had started, nothing to go on from
+            err_console.print(f"interrupted: go on from {run_dir}'s last checkpoint with: "
+                              f"msa-search train --resume {run_dir}", highlight=False, soft_wrap=True)
+        raise
+    last = f"last epoch valid {cfg.search.objective} {state.history[-1].objective:.4f}" if state.history else \
+        "nothing left to train"
+    return f"done: {out} (config.yaml, results/, checkpoints/); {last}"
 
 
 @app.command("tune")
@@ -254,6 +265,12 @@ def tune_cmd(
         if fault is None:
             raise
         raise fault from exc
+    if outcome.interrupted:
+        # The view's last line has each trial's state; Tune calls the cut-off ones terminated.
+        _print_status(outcome.exp_dir)
+        err_console.print(f"interrupted: the search's state is saved in {outcome.exp_dir}; go on with: "
+                          f"msa-search tune --resume {outcome.exp_dir}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
     counts = ", ".join(f"{n} {state}" for state, n in outcome.trials.items() if n) or "none"
     console.print(f"trials: {counts}")
     deferred = outcome.deferred_tests

@@ -31,6 +31,7 @@ from rich.text import Text
 
 from .callbacks import failure_reason
 from .config import ExperimentConfig
+from .interrupt import interrupted, record_before_tune
 from .objective import OBJECTIVE, is_better
 from .results import epoch_label, reported_results
 
@@ -39,7 +40,7 @@ REDRAW_S = 0.5  # the terminal panel's refresh; Tune steps far more often
 
 @dataclass
 class TrialLine:
-    status: str = "pending"  # pending, running, paused, completed, stopped early, errored
+    status: str = "pending"  # pending, running, paused, completed, stopped early, interrupted, errored
     epoch: int = -1  # the last reported epoch (0-based)
     objective: float = math.nan
     reason: str = ""  # why it errored
@@ -107,6 +108,12 @@ class SearchProgress:
             line.status = "completed" if line.epoch + 1 >= self.epochs else "stopped early"
         return line
 
+    def interrupt(self) -> None:
+        """Ctrl-C: the trials not ended yet are cut off, not ended (Tune reports them terminated)."""
+        for line in self.trials.values():
+            if line.status in ("pending", "running", "paused"):
+                line.status = "interrupted"
+
     def sync_states(self, trials) -> None:
         """States from Tune's own list: pending and paused (no event announces them), and
         trials that a resumed search restores as ended without an event."""
@@ -148,7 +155,7 @@ class SearchProgress:
     def summary(self, now: float | None = None) -> str:
         states = self.by_state()
         counts = ", ".join(f"{n} {s}" for s in ("running", "pending", "paused", "completed", "stopped early",
-                                                 "errored") if (n := states.get(s)))
+                                                 "interrupted", "errored") if (n := states.get(s)))
         left = self.time_left_s(now)
         timing = f"{_duration(self.elapsed_s(now))} elapsed" + (f", up to {_duration(left)} left"
                                                                  if left is not None else "")
@@ -273,6 +280,7 @@ class ConsoleView(tune.Callback):
 
     def setup(self, **info) -> None:
         self.progress.started = time.time() - self.progress.prior_s
+        record_before_tune()  # every search has this view: it is where Ctrl-C gets noticed
         if _DISPLAY is not None:
             _DISPLAY.start()
             self._draw(force=True)
@@ -304,10 +312,13 @@ class ConsoleView(tune.Callback):
         self._draw()
 
     def on_experiment_end(self, trials, **info) -> None:
+        if interrupted():
+            self.progress.interrupt()
         self.progress.sync_states(trials)
         self._draw(force=True)
         if _DISPLAY is not None and not _DISPLAY.interactive:
-            _DISPLAY.line(f"search ended | {self.progress.best_line()} | {self.progress.summary()}")
+            ended = "search interrupted" if interrupted() else "search ended"
+            _DISPLAY.line(f"{ended} | {self.progress.best_line()} | {self.progress.summary()}")
 
     def _event(self, trial_id: str, what: str, style: str | None = None) -> None:
         if _DISPLAY is None:

@@ -19,12 +19,12 @@ from data_pipeline.errors import MsaSearchError
 from data_pipeline.source import prepare_store
 from data_pipeline.store import read_spec
 
-from .config import ExperimentConfig, load_config
+from .config import ExperimentConfig
 from .layout import Layout
 from .devices import place, visible_gpus
 from .ray_setup import cluster_of, ensure_ray, torch_trainer
 from .results import epoch_label
-from .run import check_new_run_dir, new_run_dir
+from .run import check_new_run_dir, config_to_resume, new_run_dir
 from .shared_data import share_splits
 from .storage import check_location
 from .weights import init_weights, read_checkpoint
@@ -53,9 +53,7 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
     console = console or Console(stderr=True, markup=False)
     if resume_dir is not None:
         layout = Layout(Path(resume_dir).resolve())
-        if not layout.config.is_file():
-            raise MsaSearchError(f"{layout.root}: nothing to resume (no {layout.config.name})")
-        cfg = load_config(layout.config)
+        cfg = config_to_resume(resume_dir)
     else:
         layout = Layout(Path(cfg.output.dir).resolve())
     if cfg.train.workers < 1:

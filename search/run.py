@@ -18,12 +18,12 @@ from data_pipeline.errors import MsaSearchError
 from data_pipeline.loader import load_splits
 from data_pipeline.source import prepare_store
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, load_config
 from .layout import Layout
 from .results import EpochReport, ResultsStore, RunInfo, compact_finished_trial, epoch_label
 from .storage import check_location
 from .devices import in_process_device
-from .trainer import TrainState, build_state, checkpoint_due, fit, save_state
+from .trainer import TrainState, build_state, checkpoint_due, fit, load_state, save_state
 from .weights import init_weights, read_checkpoint
 
 
@@ -53,24 +53,49 @@ def new_run_dir(out: Path) -> Iterator[None]:
         raise
 
 
+def config_to_resume(run_dir: Path) -> ExperimentConfig:
+    """The config a run started with (RUN/config.yaml), which its resume goes on with."""
+    path = Layout(Path(run_dir).resolve()).config
+    if not path.is_file():
+        raise MsaSearchError(f"{path.parent}: nothing to resume (no {path.name})")
+    return load_config(path)
+
+
 def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_progress: bool = True,
-                     console: Console | None = None, init_from: Path | None = None) -> tuple[TrainState, Path]:
-    """`init_from`: a checkpoint (ours or a reference code's) whose weights the run starts from."""
-    # The results in output.storage when set; last.pt stays in output.dir (an in-process run has
-    # no --resume: its checkpoint serves `evaluate` and `--init-from` on this machine).
-    layout = Layout(Path(cfg.output.dir)).with_config(cfg)
+                     console: Console | None = None, init_from: Path | None = None,
+                     resume_dir: Path | None = None) -> tuple[TrainState, Path]:
+    """`init_from`: a checkpoint (ours or a reference code's) whose weights the run starts from.
+    `resume_dir`: a run of `cfg` (config_to_resume) to continue from its checkpoints/last.pt;
+    the epochs after it run again, their rows replacing any written before the stop, and the
+    run ends as the same run never stopped would (the CPU steps' generators are functions of
+    the seed, the epoch and the batch; torch's and numpy's are in the checkpoint)."""
+    # The results in output.storage when set; last.pt stays in output.dir.
+    layout = Layout(Path(resume_dir or cfg.output.dir).resolve()).with_config(cfg)
     saved = read_checkpoint(init_from) if init_from is not None else None  # before anything is written
+    if resume_dir is not None and not layout.last_checkpoint.is_file():
+        raise MsaSearchError(f"{layout.root}: no checkpoint to go on from ({layout.last_checkpoint} is absent: the "
+                             f"run stopped before its first, after train.checkpoint_every = "
+                             f"{cfg.train.checkpoint_every} epochs); train it anew")
     if layout.storage:
-        check_location(layout.storage, new=True)
+        check_location(layout.storage, new=resume_dir is None, resume_hint=f"msa-search train --resume {layout.root}")
     console = console or Console(stderr=True, markup=False)
-    with new_run_dir(layout.root):  # undone if the run cannot start
-        layout.config.write_text(cfg.to_yaml())
+    with new_run_dir(layout.root) if resume_dir is None else nullcontext():  # undone if the run cannot start
+        if resume_dir is None:
+            layout.config.write_text(cfg.to_yaml())
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         device = in_process_device(cfg)
         splits = load_splits(prepare_store(cfg.data, layout.data))
         init = None if saved is None else init_weights(saved, init_from, cfg, splits["train"].spec, console.print)
         state = build_state(cfg, splits["train"], device, init_weights=init)
+    if resume_dir is not None:
+        load_state(state, layout.last_checkpoint, device)
+        if state.epoch >= cfg.train.epochs:
+            console.print(f"{layout.root} ran all its {cfg.train.epochs} epochs already: nothing to resume",
+                          highlight=False, soft_wrap=True)
+            return state, layout.root
+        console.print(f"resuming {layout.root} at {epoch_label(state.epoch, cfg.train.epochs)} from "
+                      f"{layout.last_checkpoint}", highlight=False, soft_wrap=True)  # paths whole, to copy
     run = RunInfo.of(layout.root.name, run_id or layout.root.name, cfg)
     store = ResultsStore(layout.results)
     layout.checkpoints.mkdir(exist_ok=True)
@@ -93,7 +118,7 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
         progress.update(task, info=f"step {step}/{total} loss {losses['total']:.4f}")
 
     with progress if show_progress else nullcontext():
-        task = progress.add_task(f"train {cfg.model.name}", total=cfg.train.epochs, info="")
+        task = progress.add_task(f"train {cfg.model.name}", total=cfg.train.epochs, completed=state.epoch, info="")
         state = fit(cfg, splits, device=device, on_epoch=on_epoch, on_step=on_step, state=state)
     compact_finished_trial(layout.results, run.trial_id)
     return state, layout.root

@@ -19,6 +19,7 @@ from data_pipeline.errors import MsaSearchError
 from data_pipeline.source import prepare_store
 
 from .config import ExperimentConfig, load_config
+from . import interrupt
 from .console_view import showing
 from .deferred_test import DeferredTests, evaluate_deferred_tests
 from .devices import place, visible_gpus
@@ -42,6 +43,7 @@ class SearchOutcome:
     trials: Counter = field(default_factory=Counter)  # completed / stopped early / errored
     first_failure: str | None = None  # the reason of the first errored trial
     deferred_tests: DeferredTests = field(default_factory=DeferredTests)  # train.eval_test: deferred
+    interrupted: bool = False  # Ctrl-C: Tune saved its state and returned early (search/interrupt.py)
 
     @property
     def any_completed(self) -> bool:
@@ -82,9 +84,12 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
         cfg = placement.apply(cfg)
         # One read-only copy of the splits per node, in Ray's object store (search/shared_data.py).
         data = share_splits(store)
+        interrupt.reset()
         grid = _tuner(cfg, layout, space, _trainable(cfg, data), storage, resume=resume_dir is not None).fit()
         outcome = _outcome(layout, cfg, grid)
-        outcome.deferred_tests = evaluate_deferred_tests(layout, cfg, grid, data, trial_resources(cfg))
+        outcome.interrupted = interrupt.interrupted()
+        if not outcome.interrupted:  # a search cut short goes on with `--resume`, its test grids then
+            outcome.deferred_tests = evaluate_deferred_tests(layout, cfg, grid, data, trial_resources(cfg))
     return outcome
 
 

@@ -30,7 +30,7 @@ SETTINGS = ["data.scale=0.1", f"train.epochs={EPOCHS}", "train.batch_size=32", "
             "model.dim_head=16", "model.num_heads=4", "model.lnln.tokens=4", "train.device=cpu",
             "search.scheduler=none", "train.threads=1", f"search.num_samples={NUM_SAMPLES}",
             "search.max_concurrent=1", "train.checkpoint_every=2"]
-EVENT = re.compile(r"^trial (\w+) (started|epoch \d+/\d+|completed|stopped early|errored)")
+EVENT = re.compile(r"^trial (\w+) (started|epoch \d+ \(\d+/\d+\)|completed|stopped early|errored)")
 
 
 def env() -> dict[str, str]:
@@ -59,6 +59,20 @@ class Driver:
     def kill_at(self, event=lambda trial, what: False, when=lambda: False, timeout: float = 300) -> None:
         """SIGKILL the driver and everything it started, as a crash would, as soon as a trial
         event line matches `event(trial_id, what)` or `when()` holds."""
+        self._wait_for(event, when, timeout)
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def interrupt_at(self, event, timeout: float = 300) -> tuple[int, list[str]]:
+        """Ctrl-C (SIGINT to the driver alone) at a trial event; its exit code and every line it wrote."""
+        self._wait_for(event, lambda: False, timeout)
+        os.kill(self.proc.pid, signal.SIGINT)
+        code = self.proc.wait(timeout=120)
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return code, self.lines
+
+    def _wait_for(self, event, when, timeout: float) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -66,13 +80,11 @@ class Driver:
             except queue.Empty:
                 line = ""
             if line is None:
-                pytest.fail("the driver ended before the point to kill it at:\n" + "\n".join(self.lines[-40:]))
+                pytest.fail("the driver ended before the point to stop it at:\n" + "\n".join(self.lines[-40:]))
             if line:
                 self.lines.append(line)
             match = EVENT.match(line)
             if (match and event(match[1], match[2])) or when():
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
                 return
         os.killpg(self.proc.pid, signal.SIGKILL)
         pytest.fail("no such point within the time allowed:\n" + "\n".join(self.lines[-40:]))
@@ -162,6 +174,30 @@ def test_driver_killed_four_times_resumes_to_a_complete_experiment_the_study_agr
     code, out, err = msa_cli("status", str(exp))
     assert code in (0, None), err
     assert f"study: complete {NUM_SAMPLES}\n" in out and "running" not in out, out
+
+
+@pytest.mark.integration
+def test_ctrl_c_says_the_search_was_interrupted_and_how_to_go_on_and_that_works(tmp_path, cluster_address):
+    """Tune takes the first Ctrl-C itself and returns as if the search were done (it used to end
+    with 'search ended', the cut-off trials 'stopped early', exit 0 and 'next: msa-search export')."""
+    exp = tmp_path / "exp"
+    tune = [sys.executable, "-m", "search.cli", "tune", "--address", cluster_address]
+    fresh = [*tune, "--config", str(ROOT / "configs" / "lnln_quick.yaml")]
+    for item in [*SETTINGS, f"output.dir={exp}"]:
+        fresh += ["--set", item]
+    code, lines = Driver(fresh, tmp_path).interrupt_at(lambda trial, what: what.startswith("epoch"))
+    said = "\n".join(lines)
+    assert code == 130, said[-3000:]
+    ended = [line for line in lines if line.startswith("search ")]
+    assert len(ended) == 1 and ended[0].startswith("search interrupted | best robust_f1 0."), said[-3000:]
+    assert "1 interrupted" in ended[0] and "stopped early" not in ended[0], ended[0]
+    assert f"interrupted: the search's state is saved in {exp}; go on with: msa-search tune --resume {exp}" in said
+    assert "next: msa-search export" not in said
+    # As it says: the resumed search completes, the cut-off trial included.
+    resumed = subprocess.run([*tune, "--resume", str(exp)], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"trials: {NUM_SAMPLES} completed" in resumed.stdout, resumed.stdout[-3000:]
 
 
 def study_search(db: Path):

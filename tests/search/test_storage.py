@@ -140,7 +140,7 @@ def test_an_in_process_run_keeps_its_results_in_the_storage_and_its_checkpoint_h
                              *sets(*TINY[:-4], "train.workers=0", f"output.dir={run}", f"output.storage={shared}"))
     assert code == 0, err
     assert len(ResultsStore(shared / "run" / "results").read()) == 2 * 2 * 16 and not (run / "results").exists()
-    assert (run / "checkpoints" / "last.pt").is_file(), "an in-process run has no --resume: its checkpoint stays"
+    assert (run / "checkpoints" / "last.pt").is_file(), "an in-process run keeps its checkpoint here (its --resume reads it)"
     code, out, err = msa_cli("report", str(run), "--protocol", "paper", "--out", str(tmp_path / "table.md"))
     assert code == 0, err
     assert "| run |" in (tmp_path / "table.md").read_text()
