@@ -183,7 +183,7 @@ def test_ctrl_c_says_the_search_was_interrupted_and_how_to_go_on_and_that_works(
     exp = tmp_path / "exp"
     tune = [sys.executable, "-m", "search.cli", "tune", "--address", cluster_address]
     fresh = [*tune, "--config", str(ROOT / "configs" / "lnln_quick.yaml")]
-    for item in [*SETTINGS, f"output.dir={exp}"]:
+    for item in [*SETTINGS, "search.num_samples=1", f"output.dir={exp}"]:  # one trial: the resume stays short
         fresh += ["--set", item]
     code, lines = Driver(fresh, tmp_path).interrupt_at(lambda trial, what: what.startswith("epoch"))
     said = "\n".join(lines)
@@ -197,7 +197,7 @@ def test_ctrl_c_says_the_search_was_interrupted_and_how_to_go_on_and_that_works(
     resumed = subprocess.run([*tune, "--resume", str(exp)], cwd=tmp_path, env=env(), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"trials: {NUM_SAMPLES} completed" in resumed.stdout, resumed.stdout[-3000:]
+    assert "trials: 1 completed" in resumed.stdout, resumed.stdout[-3000:]
 
 
 def study_search(db: Path):
