@@ -171,7 +171,8 @@ def _resume_keeps_its_config(resume: Path | None, config: Path | None, overrides
 def train(
     config: Path | None = CONFIG_OPTION,
     set_: list[str] = SET_OPTION,
-    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint "
+                                                       "(a seed group: its runs not finished, and its seeds not started)."),
     address: str = ADDRESS_OPTION,
     init_from: Path = typer.Option(None, "--init-from",
                                    help="Start from these weights: a checkpoint of ours (checkpoints/last.pt or a "
@@ -186,25 +187,25 @@ def train(
     (deepspeed or ddp). With --seeds (or train.seeds) one run per seed, one after the
     other; `msa-search report DIR --protocol paper` then averages them."""
     from .config import ConfigError, load_config
-    from .seed_group import parse_seeds, read_group, train_group
+    from .seed_group import parse_seeds, read_group, resume_group, train_group
 
     if resume is not None and init_from is not None:
         raise MsaSearchError("--init-from starts a new run; --resume continues one from its own checkpoint")
-    if resume is not None:
-        if seeds is not None:
-            raise ConfigError("--seeds starts a new seed group; --resume continues one run (DIR/seed-<seed>)")
-        group = read_group(resume)
-        if group is not None:
-            raise ConfigError(f"--resume {resume}: a seed group; resume one of its runs, e.g. "
-                              f"--resume {group.runs()[0][1]}")
+    if resume is not None and seeds is not None:
+        raise ConfigError("--seeds starts a new seed group; --resume continues a run or a group with its own seeds")
     _resume_keeps_its_config(resume, config, set_)
     overrides = [*set_, f"train.seeds=[{', '.join(map(str, parse_seeds(seeds)))}]"] if seeds is not None else set_
     cfg = None if resume is not None else load_config(config or DEFAULT_CONFIG, overrides)
     if cfg is not None:
         _refuse_unwritable_output(cfg)
-    if cfg is not None and cfg.train.seeds:
-        group = train_group(cfg, lambda seed_cfg: _train_one(seed_cfg, None, address, init_from),
-                            say=err_console.print, keep_going=not _state["debug"])
+    group = read_group(resume) if resume is not None else None
+    if group is not None or (cfg is not None and cfg.train.seeds):
+        train_one = lambda seed_cfg, run: _train_one(seed_cfg, run, address, init_from)  # noqa: E731
+        keep_going = not _state["debug"]
+        if group is not None:
+            group = resume_group(group, train_one, say=err_console.print, keep_going=keep_going)
+        else:
+            group = train_group(cfg, train_one, say=err_console.print, keep_going=keep_going)
         console.print(f"done: seed group {group.root} (seeds {', '.join(map(str, group.seeds))}); next: "
                       f"msa-search report {group.root} --protocol paper", soft_wrap=True)
         return
@@ -229,7 +230,14 @@ def _train_one(cfg, resume: Path | None, address: str | None, init_from: Path | 
                     f"last epoch valid robust_f1 {metrics.get('robust_f1', float('nan')):.4f}")
         state, out = train_in_process(cfg, console=err_console, init_from=init_from, resume_dir=resume)
     except KeyboardInterrupt:
-        if run_dir.is_dir():  # gone: stopped before it had started, nothing to go on from
+        from .seed_group import read_group
+
+        group = read_group(run_dir.parent)
+        if group is not None and run_dir in dict(group.runs()).values():  # the group goes on, its runs with it
+            err_console.print(f"interrupted: go on with seed group {group.root} (its finished runs kept, this one "
+                              f"from its last checkpoint) with: msa-search train --resume {group.root}",
+                              highlight=False, soft_wrap=True)
+        elif run_dir.is_dir():  # gone: stopped before it had started, nothing to go on from
             err_console.print(f"interrupted: go on from {run_dir}'s last checkpoint with: "
                               f"msa-search train --resume {run_dir}", highlight=False, soft_wrap=True)
         raise

@@ -60,14 +60,17 @@ def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     return cfg.with_params({"train.seed": seed, "train.seeds": [], "output.dir": str(run_dir)})
 
 
-def train_group(cfg: ExperimentConfig, train_one: Callable[[ExperimentConfig], str], *,
-                say: Callable[[str], None], keep_going: bool = True) -> SeedGroup:
+TrainOne = Callable[[ExperimentConfig | None, Path | None], str]  # (a new run's config, or the run to resume)
+
+
+def train_group(cfg: ExperimentConfig, train_one: TrainOne, *, say: Callable[[str], None],
+                keep_going: bool = True) -> SeedGroup:
     """Train `cfg.train.seeds` one after the other into `cfg.output.dir` (a new directory).
 
-    `train_one` trains one seed's config and returns its result line. A seed that fails is
-    reported and the next one starts (`keep_going`; a config refusal stops the group, it would
-    refuse every seed); finished seeds always stay. Raises MsaSearchError at the end naming the
-    failed seeds. A group in which no run was left is removed, so the command can run again."""
+    `train_one(config, None)` trains one seed's config and returns its result line. A seed that
+    fails is reported and the next one starts (`keep_going`; a config refusal stops the group, it
+    would refuse every seed); finished seeds always stay. Raises MsaSearchError at the end naming
+    the failed seeds. A group in which no run was left is removed, so the command can run again."""
     from .run import check_new_run_dir  # run.py brings torch; reading a group needs none
 
     layout = Layout(Path(cfg.output.dir))
@@ -78,31 +81,75 @@ def train_group(cfg: ExperimentConfig, train_one: Callable[[ExperimentConfig], s
     with atomic_file(layout.seed_group, force=True) as tmp:
         tmp.write_text(json.dumps({"seeds": cfg.train.seeds}) + "\n")
     group = SeedGroup(layout.root, list(cfg.train.seeds))
-    failed: list[tuple[int, Exception]] = []
     try:
-        for k, seed_cfg in enumerate(configs, start=1):
-            seed = seed_cfg.train.seed
-            say(f"seed {seed} ({k}/{len(configs)}): {seed_cfg.output.dir}")
-            try:
-                say(train_one(seed_cfg))
-            except ConfigError:
-                raise
-            except Exception as exc:  # a diverged or crashed seed: the others still run
-                if not keep_going:
-                    raise
-                failed.append((seed, exc))
-                say(f"seed {seed} ({k}/{len(configs)}) failed: {exc}")
+        _train_seeds(group, [(c.train.seed, lambda c=c: train_one(c, None)) for c in configs], say, keep_going)
     finally:
         if not any(run.exists() for _, run in group.runs()):
             layout.seed_group.unlink(missing_ok=True)
             if not existed:
                 shutil.rmtree(layout.root, ignore_errors=True)
+    return group
+
+
+def resume_group(group: SeedGroup, train_one: TrainOne, *, say: Callable[[str], None],
+                 keep_going: bool = True) -> SeedGroup:
+    """Go on with a group that stopped part-way (Ctrl-C, a crash, a failed seed): a run that
+    trained all its epochs is kept as it is, one that did not goes on from its last checkpoint
+    (`train_one(None, run)`), and a seed not started yet starts (`train_one(config, None)`,
+    the config a started run's with that seed: they differ in nothing else)."""
+    from .run import config_to_resume
+
+    runs = group.runs()
+    started = [run for _, run in runs if Layout(run).config.is_file()]
+    if not started:
+        raise MsaSearchError(f"seed group {group.root}: no run of it started; train it anew")
+    base = config_to_resume(started[0])
+    steps = []
+    for seed, run in runs:
+        if run in started:
+            cfg = config_to_resume(run)
+            if _trained_all_epochs(run, cfg):
+                steps.append((seed, lambda: "ran all its epochs already: kept as it is"))
+            else:
+                steps.append((seed, lambda run=run: train_one(None, run)))
+        else:
+            cfg = base.with_params({"train.seed": seed, "output.dir": str(run)})
+            steps.append((seed, lambda cfg=cfg: train_one(cfg, None)))
+    _train_seeds(group, steps, say, keep_going)
+    return group
+
+
+def _trained_all_epochs(run: Path, cfg: ExperimentConfig) -> bool:
+    """Its last epoch's rows are stored (they are written before that epoch's checkpoint)."""
+    from .results import ResultsStore
+
+    results = Layout(run).with_config(cfg).results
+    epochs = ResultsStore(results).read(hparams=False).epoch
+    return not epochs.empty and int(epochs.max()) + 1 >= cfg.train.epochs
+
+
+def _train_seeds(group: SeedGroup, steps: list[tuple[int, Callable[[], str]]], say: Callable[[str], None],
+                 keep_going: bool) -> None:
+    """Run each seed's step in order, saying which; see train_group for failures."""
+    failed: list[tuple[int, Exception]] = []
+    runs = dict(group.runs())
+    for k, (seed, step) in enumerate(steps, start=1):
+        say(f"seed {seed} ({k}/{len(steps)}): {runs[seed]}")
+        try:
+            say(step())
+        except ConfigError:
+            raise
+        except Exception as exc:  # a diverged or crashed seed: the others still run
+            if not keep_going:
+                raise
+            failed.append((seed, exc))
+            say(f"seed {seed} ({k}/{len(steps)}) failed: {exc}")
     if failed:
         finished = [seed for seed in group.seeds if seed not in dict(failed)]
         first_seed, first_error = failed[0]
         if not finished:
             raise first_error
-        raise MsaSearchError(f"seed group {layout.root}: seed{'s' if len(failed) > 1 else ''} "
+        raise MsaSearchError(f"seed group {group.root}: seed{'s' if len(failed) > 1 else ''} "
                              f"{', '.join(str(s) for s, _ in failed)} failed (seed {first_seed}: {first_error}); "
-                             f"finished: {', '.join(map(str, finished))}, kept in {layout.root}")
-    return group
+                             f"finished: {', '.join(map(str, finished))}, kept in {group.root}; go on with: "
+                             f"msa-search train --resume {group.root}")

@@ -16,7 +16,7 @@ from search.layout import Layout
 from search.protocol import RunRows, build_table, paper_epoch, protocol_table
 from search.protocol_render import to_markdown
 from search.results import ResultsStore, RunInfo
-from search.seed_group import parse_seeds, read_group, train_group
+from search.seed_group import parse_seeds, read_group, resume_group, train_group
 
 ROOT = Path(__file__).resolve().parents[2]
 RATES = [f"intra:{r / 10:.1f}" for r in range(10)]
@@ -249,14 +249,23 @@ def test_seed_lists_are_checked_before_anything_is_written(tmp_path, cli_run, mo
 
 # --- the group runner, with a stand-in for training ---
 
-def _fake_train(fail: set[int], config_error: bool = False):
-    def train_one(cfg) -> str:
+def _fake_train(fail: set[int], config_error: bool = False, killed_in: int | None = None):
+    """Writes a run's config and its epochs' rows; `killed_in`: that seed's process dies after
+    its first epoch (as Ctrl-C or a crash would stop the whole group)."""
+    def train_one(cfg, resume=None) -> str:
+        assert resume is None, "a new group starts every run anew"
         if cfg.train.seed in fail and config_error:
             raise ConfigError("refused")
         Path(cfg.output.dir).mkdir(parents=True)
         (Path(cfg.output.dir) / "config.yaml").write_text(cfg.to_yaml())
         if cfg.train.seed in fail:
             raise RuntimeError("loss is nan")
+        run = RunInfo.of("g", Path(cfg.output.dir).name, cfg)
+        for epoch in range(cfg.train.epochs):
+            ResultsStore(Path(cfg.output.dir) / "results").append(run, epoch, {"valid": {"intra:0.0": {"f1_non0": 0.5}}},
+                                                                  1.0)
+            if cfg.train.seed == killed_in:
+                raise KeyboardInterrupt
         return f"done {cfg.train.seed}"
     return train_one
 
@@ -272,6 +281,26 @@ def test_a_failing_seed_keeps_the_finished_ones_and_is_named(tmp_path):
     assert run.train.seed == 3 and run.train.seeds == [], "each run retrains alone"
     with pytest.raises(MsaSearchError, match="not empty"):
         train_group(cfg, _fake_train(set()), say=said.append)
+
+
+def test_a_stopped_group_resumes_its_unfinished_run_and_starts_the_seeds_not_started(tmp_path):
+    cfg = load_config(ROOT / "configs" / "quick.yaml", [f"output.dir={tmp_path / 'g'}", "train.seeds=[1, 2, 3]",
+                                                        "train.epochs=2", "train.lr=0.0007"])
+    with pytest.raises(KeyboardInterrupt):
+        train_group(cfg, _fake_train(set(), killed_in=2), say=lambda line: None)
+    assert not (tmp_path / "g" / "seed-3").exists()
+    calls, said = [], []
+
+    def train_one(seed_cfg, resume) -> str:
+        calls.append((seed_cfg, resume))
+        return "trained"
+
+    resume_group(read_group(tmp_path / "g"), train_one, say=said.append)
+    (none, resumed), (started, nothing) = calls
+    assert none is None and resumed == tmp_path / "g" / "seed-2", "seed 2 goes on from its checkpoint"
+    assert nothing is None and started.train.seed == 3 and started.output.dir == str(tmp_path / "g" / "seed-3")
+    assert started.train.lr == 0.0007 and started.train.seeds == [], "the group's settings, one seed"
+    assert said[:2] == [f"seed 1 (1/3): {tmp_path / 'g' / 'seed-1'}", "ran all its epochs already: kept as it is"]
 
 
 def test_a_group_where_nothing_started_is_removed(tmp_path):
