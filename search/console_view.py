@@ -156,7 +156,7 @@ class SearchProgress:
         states = self.by_state()
         counts = ", ".join(f"{n} {s}" for s in ("running", "pending", "paused", "completed", "stopped early",
                                                  "interrupted", "errored") if (n := states.get(s)))
-        left = self.time_left_s(now)
+        left = None if states.get("interrupted") else self.time_left_s(now)  # no pace to go on at
         timing = f"{_duration(self.elapsed_s(now))} elapsed" + (f", up to {_duration(left)} left"
                                                                  if left is not None else "")
         return f"trials {len(self.trials)}/{self.num_samples}: {counts or 'none yet'} | {timing}"

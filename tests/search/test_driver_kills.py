@@ -190,7 +190,7 @@ def test_ctrl_c_says_the_search_was_interrupted_and_how_to_go_on_and_that_works(
     assert code == 130, said[-3000:]
     ended = [line for line in lines if line.startswith("search ")]
     assert len(ended) == 1 and ended[0].startswith("search interrupted | best robust_f1 0."), said[-3000:]
-    assert "1 interrupted" in ended[0] and "stopped early" not in ended[0], ended[0]
+    assert "1 interrupted" in ended[0] and "stopped early" not in ended[0] and " left" not in ended[0], ended[0]
     assert f"interrupted: the search's state is saved in {exp}; go on with: msa-search tune --resume {exp}" in said
     assert "next: msa-search export" not in said
     # As it says: the resumed search completes, the cut-off trial included.
