@@ -88,6 +88,11 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
     watcher.start()
     try:
         result = trainer.fit()
+    except SystemExit as exc:
+        # Ray Train takes Ctrl-C itself (a handler it sets in the driver's main thread): it aborts
+        # the run, and the driver's wait for it then ends in a silent SystemExit(1) (Ray 2.60).
+        # Said as the interrupt it is: the CLI names the resume, and the exit code is 130.
+        raise KeyboardInterrupt from exc
     except Exception as exc:  # TrainingFailedError and friends: one actionable line
         raise MsaSearchError(f"training failed: {_worker_error(exc)}; continue from the last checkpoint with: "
                              f"msa-search train --resume {layout.root}") from exc
