@@ -215,7 +215,7 @@ def train(
 def _train_one(cfg, resume: Path | None, address: str | None, init_from: Path | None) -> str:
     """One run (in-process or on Ray Train workers); returns its result line. Ctrl-C (or a
     SIGINT) says where the run's last checkpoint is and how to go on from it."""
-    from .run import config_to_resume, train_in_process
+    from .run import config_to_resume, epochs_stored, train_in_process
 
     if resume is not None:
         cfg = config_to_resume(resume)
@@ -237,7 +237,10 @@ def _train_one(cfg, resume: Path | None, address: str | None, init_from: Path | 
             err_console.print(f"interrupted: go on with seed group {group.root} (its finished runs kept, this one "
                               f"from its last checkpoint) with: msa-search train --resume {group.root}",
                               highlight=False, soft_wrap=True)
-        elif run_dir.is_dir():  # gone: stopped before it had started, nothing to go on from
+        elif run_dir.is_dir() and not epochs_stored(run_dir):  # (absent: stopped before it had started)
+            err_console.print(f"interrupted in its first epoch: {run_dir} has no checkpoint to go on from; remove it "
+                              "to train the run anew", highlight=False, soft_wrap=True)
+        elif run_dir.is_dir():
             err_console.print(f"interrupted: go on from {run_dir}'s last checkpoint with: "
                               f"msa-search train --resume {run_dir}", highlight=False, soft_wrap=True)
         raise

@@ -61,6 +61,17 @@ def config_to_resume(run_dir: Path) -> ExperimentConfig:
     return load_config(path)
 
 
+def epochs_stored(run_dir: Path) -> int:
+    """How many epochs of the run have their rows in its results store (0 for a run without a
+    config yet): an epoch's rows are stored before its checkpoint is written."""
+    layout = Layout(Path(run_dir))
+    if not layout.config.is_file():
+        return 0
+    cfg = config_to_resume(run_dir)
+    epochs = ResultsStore(layout.with_config(cfg).results).read(hparams=False).epoch
+    return 0 if epochs.empty else int(epochs.max()) + 1
+
+
 def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_progress: bool = True,
                      console: Console | None = None, init_from: Path | None = None,
                      resume_dir: Path | None = None) -> tuple[TrainState, Path]:
@@ -73,9 +84,10 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
     layout = Layout(Path(resume_dir or cfg.output.dir).resolve()).with_config(cfg)
     saved = read_checkpoint(init_from) if init_from is not None else None  # before anything is written
     if resume_dir is not None and not layout.last_checkpoint.is_file():
+        every = cfg.train.checkpoint_every
         raise MsaSearchError(f"{layout.root}: no checkpoint to go on from ({layout.last_checkpoint} is absent: the "
-                             f"run stopped before its first, after train.checkpoint_every = "
-                             f"{cfg.train.checkpoint_every} epochs); train it anew")
+                             f"run stopped before its first, due after {every} epoch{'s' if every > 1 else ''} "
+                             f"(train.checkpoint_every)); remove {layout.root} to train it anew")
     if layout.storage:
         check_location(layout.storage, new=resume_dir is None, resume_hint=f"msa-search train --resume {layout.root}")
     console = console or Console(stderr=True, markup=False)

@@ -11,6 +11,7 @@ retrains that one run. `msa-search report DIR --protocol paper` averages the see
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -97,7 +98,7 @@ def resume_group(group: SeedGroup, train_one: TrainOne, *, say: Callable[[str], 
     trained all its epochs is kept as it is, one that did not goes on from its last checkpoint
     (`train_one(None, run)`), and a seed not started yet starts (`train_one(config, None)`,
     the config a started run's with that seed: they differ in nothing else)."""
-    from .run import config_to_resume
+    from .run import config_to_resume, epochs_stored
 
     runs = group.runs()
     started = [run for _, run in runs if Layout(run).config.is_file()]
@@ -106,26 +107,23 @@ def resume_group(group: SeedGroup, train_one: TrainOne, *, say: Callable[[str], 
     base = config_to_resume(started[0])
     steps = []
     for seed, run in runs:
-        if run in started:
-            cfg = config_to_resume(run)
-            if _trained_all_epochs(run, cfg):
-                steps.append((seed, lambda: "ran all its epochs already: kept as it is"))
-            else:
-                steps.append((seed, lambda run=run: train_one(None, run)))
-        else:
+        done = epochs_stored(run)
+        if done and done >= config_to_resume(run).train.epochs:
+            steps.append((seed, lambda: "ran all its epochs already: kept as it is"))
+        elif done:
+            steps.append((seed, lambda run=run: train_one(None, run)))
+        else:  # not started, or stopped in its first epoch (nothing stored, no checkpoint): anew
             cfg = base.with_params({"train.seed": seed, "output.dir": str(run)})
-            steps.append((seed, lambda cfg=cfg: train_one(cfg, None)))
+            steps.append((seed, functools.partial(_anew, run, cfg, train_one)))
     _train_seeds(group, steps, say, keep_going)
     return group
 
 
-def _trained_all_epochs(run: Path, cfg: ExperimentConfig) -> bool:
-    """Its last epoch's rows are stored (they are written before that epoch's checkpoint)."""
-    from .results import ResultsStore
-
-    results = Layout(run).with_config(cfg).results
-    epochs = ResultsStore(results).read(hparams=False).epoch
-    return not epochs.empty and int(epochs.max()) + 1 >= cfg.train.epochs
+def _anew(run: Path, cfg: ExperimentConfig, train_one: TrainOne) -> str:
+    """A seed's run from the start, in a clean directory (one stopped in its first epoch holds
+    only its config and data: nothing to keep)."""
+    shutil.rmtree(run, ignore_errors=True)
+    return train_one(cfg, None)
 
 
 def _train_seeds(group: SeedGroup, steps: list[tuple[int, Callable[[], str]]], say: Callable[[str], None],

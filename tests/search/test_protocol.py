@@ -249,9 +249,9 @@ def test_seed_lists_are_checked_before_anything_is_written(tmp_path, cli_run, mo
 
 # --- the group runner, with a stand-in for training ---
 
-def _fake_train(fail: set[int], config_error: bool = False, killed_in: int | None = None):
+def _fake_train(fail: set[int], config_error: bool = False, killed_in: int | None = None, after: int = 1):
     """Writes a run's config and its epochs' rows; `killed_in`: that seed's process dies after
-    its first epoch (as Ctrl-C or a crash would stop the whole group)."""
+    `after` epochs (as Ctrl-C or a crash would stop the whole group)."""
     def train_one(cfg, resume=None) -> str:
         assert resume is None, "a new group starts every run anew"
         if cfg.train.seed in fail and config_error:
@@ -262,10 +262,10 @@ def _fake_train(fail: set[int], config_error: bool = False, killed_in: int | Non
             raise RuntimeError("loss is nan")
         run = RunInfo.of("g", Path(cfg.output.dir).name, cfg)
         for epoch in range(cfg.train.epochs):
+            if cfg.train.seed == killed_in and epoch == after:
+                raise KeyboardInterrupt
             ResultsStore(Path(cfg.output.dir) / "results").append(run, epoch, {"valid": {"intra:0.0": {"f1_non0": 0.5}}},
                                                                   1.0)
-            if cfg.train.seed == killed_in:
-                raise KeyboardInterrupt
         return f"done {cfg.train.seed}"
     return train_one
 
@@ -301,6 +301,23 @@ def test_a_stopped_group_resumes_its_unfinished_run_and_starts_the_seeds_not_sta
     assert nothing is None and started.train.seed == 3 and started.output.dir == str(tmp_path / "g" / "seed-3")
     assert started.train.lr == 0.0007 and started.train.seeds == [], "the group's settings, one seed"
     assert said[:2] == [f"seed 1 (1/3): {tmp_path / 'g' / 'seed-1'}", "ran all its epochs already: kept as it is"]
+
+
+def test_a_seed_stopped_in_its_first_epoch_starts_anew_when_its_group_resumes(tmp_path):
+    cfg = load_config(ROOT / "configs" / "quick.yaml", [f"output.dir={tmp_path / 'g'}", "train.seeds=[1, 2]",
+                                                        "train.epochs=2"])
+    with pytest.raises(KeyboardInterrupt):
+        train_group(cfg, _fake_train(set(), killed_in=2, after=0), say=lambda line: None)
+    seed_2 = tmp_path / "g" / "seed-2"
+    (seed_2 / "leftover").write_text("from the stopped first epoch")
+    calls = []
+
+    def train_one(seed_cfg, resume) -> str:
+        calls.append((seed_cfg.train.seed, resume, seed_2.exists()))
+        return "trained"
+
+    resume_group(read_group(tmp_path / "g"), train_one, say=lambda line: None)
+    assert calls == [(2, None, False)], "no checkpoint to go on from: trained anew, in a clean directory"
 
 
 def test_a_group_where_nothing_started_is_removed(tmp_path):
