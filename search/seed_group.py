@@ -6,7 +6,8 @@ per seed into one directory, as the papers train three seeds (LNLN: 1111-1113):
     DIR/seed-1112/        ...
 
 Each run's config.yaml has train.seed set and train.seeds empty: `train --config` on it
-retrains that one run. `msa-search report DIR --protocol paper` averages the seeds
+retrains that one run. `train --resume DIR` goes on with a group stopped part-way
+(resume_group): finished runs kept, unfinished ones resumed, seeds not started started. `msa-search report DIR --protocol paper` averages the seeds
 (search/protocol.py). The names come from search/layout.py.
 """
 from __future__ import annotations
@@ -149,5 +150,5 @@ def _train_seeds(group: SeedGroup, steps: list[tuple[int, Callable[[], str]]], s
             raise first_error
         raise MsaSearchError(f"seed group {group.root}: seed{'s' if len(failed) > 1 else ''} "
                              f"{', '.join(str(s) for s, _ in failed)} failed (seed {first_seed}: {first_error}); "
-                             f"finished: {', '.join(map(str, finished))}, kept in {group.root}; go on with: "
-                             f"msa-search train --resume {group.root}")
+                             f"finished: {', '.join(map(str, finished))}, kept in {group.root}; `msa-search train "
+                             f"--resume {group.root}` retries the failed from their last checkpoints")
