@@ -224,7 +224,7 @@ def _train_one(cfg, resume: Path | None, address: str | None, init_from: Path | 
         if cfg.train.workers >= 1:
             from .distributed import train_distributed
 
-            out, metrics = train_distributed(None if resume else cfg, resume_dir=resume, console=err_console,
+            out, metrics = train_distributed(cfg, resume_dir=resume, console=err_console,
                                              ray_address=address, init_from=init_from)
             return (f"done: {out} (config.yaml, results/, checkpoints/); "
                     f"last epoch valid robust_f1 {metrics.get('robust_f1', float('nan')):.4f}")
@@ -237,7 +237,7 @@ def _train_one(cfg, resume: Path | None, address: str | None, init_from: Path | 
             err_console.print(f"interrupted: go on with seed group {group.root} (its finished runs kept, this one "
                               f"from its last checkpoint) with: msa-search train --resume {group.root}",
                               highlight=False, soft_wrap=True)
-        elif run_dir.is_dir() and not epochs_stored(run_dir):  # (absent: stopped before it had started)
+        elif run_dir.is_dir() and not epochs_stored(run_dir, cfg):  # (absent: stopped before it had started)
             err_console.print(f"interrupted in its first epoch: {run_dir} has no checkpoint to go on from; remove it "
                               "to train the run anew", highlight=False, soft_wrap=True)
         elif run_dir.is_dir():

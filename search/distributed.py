@@ -45,7 +45,8 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
                       console: Console | None = None, ray_address: str | None = None,
                       init_from: Path | None = None) -> tuple[Path, dict]:
     """Run (or resume) one distributed training run. Returns the run dir and the last metrics.
-    `init_from` (a new run only): a checkpoint whose weights every worker starts from."""
+    `resume_dir`: the run to continue, with `cfg` its config (config_to_resume) or None to read
+    it. `init_from` (a new run only): a checkpoint whose weights every worker starts from."""
     import ray
 
     from .callbacks import TrainResultsCallback
@@ -53,7 +54,7 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
     console = console or Console(stderr=True, markup=False)
     if resume_dir is not None:
         layout = Layout(Path(resume_dir).resolve())
-        cfg = config_to_resume(resume_dir)
+        cfg = cfg if cfg is not None else config_to_resume(resume_dir)
     else:
         layout = Layout(Path(cfg.output.dir).resolve())
     if cfg.train.workers < 1:

@@ -61,14 +61,10 @@ def config_to_resume(run_dir: Path) -> ExperimentConfig:
     return load_config(path)
 
 
-def epochs_stored(run_dir: Path) -> int:
-    """How many epochs of the run have their rows in its results store (0 for a run without a
-    config yet): an epoch's rows are stored before its checkpoint is written."""
-    layout = Layout(Path(run_dir))
-    if not layout.config.is_file():
-        return 0
-    cfg = config_to_resume(run_dir)
-    epochs = ResultsStore(layout.with_config(cfg).results).read(hparams=False).epoch
+def epochs_stored(run_dir: Path, cfg: ExperimentConfig) -> int:
+    """How many epochs of the run of `cfg` in `run_dir` have their rows in its results store (in
+    output.storage when set): an epoch's rows are stored before its checkpoint is written."""
+    epochs = ResultsStore(Layout(Path(run_dir)).with_config(cfg).results).read(hparams=False).epoch
     return 0 if epochs.empty else int(epochs.max()) + 1
 
 

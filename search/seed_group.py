@@ -102,14 +102,15 @@ def resume_group(group: SeedGroup, train_one: TrainOne, *, say: Callable[[str], 
     from .run import config_to_resume, epochs_stored
 
     runs = group.runs()
-    started = [run for _, run in runs if Layout(run).config.is_file()]
+    started = {run: config_to_resume(run) for _, run in runs if Layout(run).config.is_file()}
     if not started:
         raise MsaSearchError(f"seed group {group.root}: no run of it started; train it anew")
-    base = config_to_resume(started[0])
+    base = next(iter(started.values()))
     steps = []
     for seed, run in runs:
-        done = epochs_stored(run)
-        if done and done >= config_to_resume(run).train.epochs:
+        cfg = started.get(run)
+        done = 0 if cfg is None else epochs_stored(run, cfg)
+        if cfg is not None and done >= cfg.train.epochs:
             steps.append((seed, lambda: "ran all its epochs already: kept as it is"))
         elif done:
             steps.append((seed, lambda run=run: train_one(None, run)))
