@@ -15,24 +15,24 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from data_pipeline.atomic import refuse_existing, unwritable
 from data_pipeline.errors import MsaSearchError
 
+from .consoles import make_console
+
 app = typer.Typer(help="Hyperparameter and robustness search for multimodal sentiment analysis under missing modalities.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  rich_markup_mode="markdown")
 data_app = typer.Typer(help="Synthesize, convert and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 dashboards_app = typer.Typer(help="Grafana dashboards as code: build the JSON and provisioning files, push them.",
                              no_args_is_help=True)
 app.add_typer(dashboards_app, name="dashboards")
 
-# markup=False: paths and error texts (Ray's, gloo's) contain [brackets] that rich would
-# otherwise parse as style tags and crash on.
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+console = make_console()
+err_console = make_console(stderr=True)
 _state = {"debug": False}
 
 
@@ -289,13 +289,13 @@ def tune_cmd(
         console.print(f"test grid (train.eval_test: deferred) evaluated after the search for "
                       f"{len(deferred.evaluated)} trial(s) that stopped early: {', '.join(deferred.evaluated)}")
     for line in deferred.skipped:
-        console.print(f"[yellow]test grid not evaluated for trial {line}[/yellow]")
+        console.print(f"test grid not evaluated for trial {line}", style="yellow")
     if not outcome.any_completed:
         raise MsaSearchError(f"no trial completed ({counts}); first failure: {outcome.first_failure or 'unknown'}; "
                              f"details in {outcome.exp_dir}")
     _print_status(outcome.exp_dir)
     console.print(f"experiment: {outcome.exp_dir} (config.yaml, optuna.db, results/, ray/); "
-                  f"next: msa-search export {outcome.exp_dir} --out {outcome.exp_dir}/best.yaml")
+                  f"next: msa-search export {outcome.exp_dir} --out {outcome.exp_dir}/best.yaml", soft_wrap=True)
 
 
 def _disk_fault(exc: Exception, exp: Path) -> MsaSearchError | None:
@@ -385,7 +385,7 @@ def evaluate_cmd(
                                          "the reference LNLN code (.pth), told apart by its names."),
     config: Path = typer.Option(..., "--config", help="Config that builds the model and names the data and the grid."),
     set_: list[str] = SET_OPTION,
-    out: Path = typer.Option(None, "--out", help="New run directory (default: eval-<checkpoint name>)."),
+    out: Path = typer.Option(None, "--out", help="New run directory (default: ./eval-STEM, STEM the checkpoint's file name without its extension)."),
 ) -> None:
     """Evaluate a checkpoint over missing.eval_grid on valid and test, without training.
 
@@ -408,7 +408,7 @@ def report_cmd(
                                          "or, with --protocol paper|reference-lnln, a seed group (train --seeds)."),
     out: Path = typer.Option(None, "--out",
                              help="Output file. search: HTML (default EXP/report.html); paper, reference-lnln: "
-                                  ".md, .csv or .html by its extension (default EXP/table-<protocol>.md)."),
+                                  ".md, .csv or .html by its extension (default EXP/table-PROTOCOL.md)."),
     protocol: Protocol = typer.Option(Protocol.search, "--protocol",
                                       help="search: the HTML report of a search or run. paper: the papers' table "
                                            "(test metrics averaged over intra rates 0.0-0.9, mean ± std over "

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from typing import IO, Iterator
 
 from ray import tune
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from .callbacks import failure_reason
 from .config import ExperimentConfig
+from .consoles import make_console
 from .interrupt import interrupted, record_before_tune
 from .objective import OBJECTIVE, is_better
 from .results import epoch_label, reported_results
@@ -206,7 +207,7 @@ class Display:
     """Where the view goes for one `fit()`: a live panel on a terminal, plain lines elsewhere."""
 
     def __init__(self, stream: IO[str]):
-        self.console = Console(file=stream, markup=False, highlight=False)
+        self.console = make_console(file=stream, highlight=False)
         self.live: Live | None = None
         self._lock = threading.Lock()
 

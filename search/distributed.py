@@ -20,6 +20,7 @@ from data_pipeline.source import prepare_store
 from data_pipeline.store import read_spec
 
 from .config import ExperimentConfig
+from .consoles import make_console
 from .layout import Layout
 from .devices import place, visible_gpus
 from .ray_setup import cluster_of, ensure_ray, torch_trainer
@@ -51,7 +52,7 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
 
     from .callbacks import TrainResultsCallback
 
-    console = console or Console(stderr=True, markup=False)
+    console = console or make_console(stderr=True)
     if resume_dir is not None:
         layout = Layout(Path(resume_dir).resolve())
         cfg = cfg if cfg is not None else config_to_resume(resume_dir)

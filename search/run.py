@@ -19,6 +19,7 @@ from data_pipeline.loader import load_splits
 from data_pipeline.source import prepare_store
 
 from .config import ExperimentConfig, load_config
+from .consoles import make_console
 from .layout import Layout
 from .results import EpochReport, ResultsStore, RunInfo, compact_finished_trial, epoch_label
 from .storage import check_location
@@ -86,7 +87,7 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
                              f"(train.checkpoint_every)); remove {layout.root} to train it anew")
     if layout.storage:
         check_location(layout.storage, new=resume_dir is None, resume_hint=f"msa-search train --resume {layout.root}")
-    console = console or Console(stderr=True, markup=False)
+    console = console or make_console(stderr=True)
     with new_run_dir(layout.root) if resume_dir is None else nullcontext():  # undone if the run cannot start
         if resume_dir is None:
             layout.config.write_text(cfg.to_yaml())
