@@ -125,10 +125,22 @@ def _set_rng_state(saved: dict | None, device: torch.device) -> None:
         torch.cuda.set_rng_state(saved["cuda"].cpu(), device)
 
 
+# Besides tensors and plain containers, a checkpoint holds numpy's generator state (_rng_state).
+# These rebuild its array and dtype and run no code: torch's documented way to allow numpy arrays.
+NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_checkpoint(path: Path, map_location: torch.device | str) -> object:
+    """A file `save_state` wrote (or any weights file), unpickled without running code
+    (torch.load weights_only): a checkpoint from elsewhere cannot execute anything."""
+    with torch.serialization.safe_globals(NUMPY_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_state(state: TrainState, path: Path, device: torch.device) -> None:
     """Restore what `save_state` wrote onto `device` (a GPU checkpoint resumes on a CPU node,
     and each rank loads onto its own GPU); training continues at the saved next epoch."""
-    saved = torch.load(path, map_location=device, weights_only=False)
+    saved = load_checkpoint(path, device)
     unwrap(state.model).load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])

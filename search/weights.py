@@ -20,6 +20,7 @@ from models.entry import ModelEntry
 from models.registry import get_model, model_names
 
 from .config import ExperimentConfig
+from .trainer import load_checkpoint
 
 StateDict = dict[str, torch.Tensor]
 # A file's entry that holds the weights: ours (save_state), then the reference code's (save_model).
@@ -33,7 +34,7 @@ def read_checkpoint(path: str | Path) -> StateDict:
     if not path.is_file():
         raise MsaSearchError(f"{path}: no such checkpoint file")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_checkpoint(path, "cpu")
     except Exception as exc:  # pickle, zip and torch's own errors (a KeyError for plain text)
         lines = str(exc).strip().splitlines()
         raise MsaSearchError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}"

@@ -62,14 +62,30 @@ def test_reference_checkpoint_evaluates_like_ours(checkpoints, evaluated):
     assert by_key(df).equals(by_key(evaluated[1])), "the same weights under the reference's names"
 
 
-def test_train_init_from_starts_at_the_checkpoint(checkpoints, evaluated):
+@pytest.fixture(scope="module")
+def init_run(checkpoints):
+    """A one-epoch run started from the reference checkpoint: its directory."""
     # lr 1e-12: one epoch leaves the weights where they started, so its evaluation is the checkpoint's.
     r = cli("train", "--config", str(CONFIG), *SET, "--set", "train.epochs=1", "--set", "train.lr=1e-12",
             "--set", "output.dir=run", "--init-from", str(checkpoints / "reference.pth"), cwd=checkpoints)
     assert r.returncode == 0, r.stderr
-    df = ResultsStore(checkpoints / "run" / "results").read()
+    return checkpoints / "run"
+
+
+def test_train_init_from_starts_at_the_checkpoint(init_run, evaluated):
+    df = ResultsStore(init_run / "results").read()
     trained, start = by_key(df), by_key(evaluated[1])
     assert (trained.mae - start.mae).abs().max() < 1e-4 and (trained.f1_non0 == start.f1_non0).mean() > 0.9
+
+
+def test_a_runs_own_last_checkpoint_evaluates_to_its_last_epoch(init_run):
+    # checkpoints/last.pt holds numpy's generator state too: read without running code all the same.
+    r = cli("evaluate", "--checkpoint", str(init_run / "checkpoints" / "last.pt"), "--config",
+            str(init_run / "config.yaml"), "--out", "ev-last", cwd=init_run.parent)
+    assert r.returncode == 0, r.stderr
+    df = ResultsStore(init_run.parent / "ev-last" / "results").read()
+    assert set(df.trial_id) == {"last"}
+    assert by_key(df).equals(by_key(ResultsStore(init_run / "results").read()))
 
 
 def test_bad_checkpoints_and_configs_fail_with_one_line(checkpoints, run_cli, tmp_path):
