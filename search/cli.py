@@ -175,8 +175,9 @@ def train(
                                                        "(a seed group: its runs not finished, and its seeds not started)."),
     address: str = ADDRESS_OPTION,
     init_from: Path = typer.Option(None, "--init-from",
-                                   help="Start from these weights: a checkpoint of ours (checkpoints/last.pt or a "
-                                        "state dict) or of the reference LNLN code (.pth); a new run only."),
+                                   help="Start from these weights: a run directory of ours (its newest checkpoint: "
+                                        "in-process, DDP or DeepSpeed), a checkpoint file of ours or a state dict, or "
+                                        "the reference LNLN code's (.pth); a new run only."),
     seeds: str = typer.Option(None, "--seeds",
                               help="Train one run per seed, e.g. 1111,1112,1113 (sets train.seeds): output.dir "
                                    "becomes a seed group with one run directory per seed (seed-1111/, ...)."),
@@ -381,8 +382,9 @@ def export_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint",
-                                    help="Weights: a checkpoint of ours (checkpoints/last.pt or a state dict) or of "
-                                         "the reference LNLN code (.pth), told apart by its names."),
+                                    help="Weights: a run directory of ours (its newest checkpoint: in-process, DDP or "
+                                         "DeepSpeed, ZeRO-3 included), a checkpoint file of ours or a state dict, or "
+                                         "the reference LNLN code's (.pth), told apart by its names."),
     config: Path = typer.Option(..., "--config", help="Config that builds the model and names the data and the grid."),
     set_: list[str] = SET_OPTION,
     out: Path = typer.Option(None, "--out", help="New run directory (default: ./eval-STEM, STEM the checkpoint's file name without its extension)."),

@@ -1,10 +1,13 @@
 """Model weights from a checkpoint file, ours or a model's reference code's (LNLN's), for
 `train --init-from` and `evaluate`.
 
-Ours: the `model` entry of a checkpoints/last.pt that trainer.save_state writes, or a plain
-state dict. A reference code's: e.g. the `state_dict` entry of the LNLN code's {"epoch",
-"state_dict", "optimizer"} files, or a plain state dict with its names, told apart by those
-names (the registry entry's `reference_checkpoints`, e.g. models/lnln_reference.py).
+Ours: the `model` entry of a checkpoints/last.pt that trainer.save_state writes (in-process
+runs) or of a DDP run's client_state.pt, the `module` entry of a DeepSpeed run's model states
+(through DeepSpeed's own reader under ZeRO-3, whose weights are partitioned), or a plain state
+dict; a run directory or a Ray Train checkpoint directory stands for the newest checkpoint in
+it. A reference code's: e.g. the `state_dict` entry of the LNLN code's {"epoch", "state_dict",
+"optimizer"} files, or a plain state dict with its names, told apart by those names (the
+registry entry's `reference_checkpoints`, e.g. models/lnln_reference.py).
 """
 from __future__ import annotations
 
@@ -20,25 +23,58 @@ from models.entry import ModelEntry
 from models.registry import get_model, model_names
 
 from .config import ExperimentConfig
+from .layout import Layout
 from .trainer import load_checkpoint
 
 StateDict = dict[str, torch.Tensor]
-# A file's entry that holds the weights: ours (save_state), then the reference code's (save_model).
-WEIGHT_ENTRIES = ("model", "state_dict")
+# A file's entry that holds the weights: ours (save_state), DeepSpeed's model states, then the
+# reference code's (save_model).
+WEIGHT_ENTRIES = ("model", "module", "state_dict")
+# Where a Ray Train checkpoint directory keeps the weights: DDP's save_state file (search/worker.py),
+# DeepSpeed's model states under the tag the worker saves with (ZeRO-3: rank 0's partition's).
+RAY_CHECKPOINT_FILES = ("client_state.pt", "state/mp_rank_00_model_states.pt",
+                        "state/zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def checkpoint_file(path: Path) -> Path:
+    """`path` itself, or for a directory the newest checkpoint in it: a run directory's
+    checkpoints/last.pt (in-process) or its newest Ray Train checkpoint (checkpoint_<time>
+    directories, named so that they sort in time), or a Ray Train checkpoint directory's file."""
+    if not path.is_dir():
+        if not path.is_file():
+            raise MsaSearchError(f"{path}: no such checkpoint file or directory")
+        return path
+    layout = Layout(path)
+    if layout.last_checkpoint.is_file():
+        return layout.last_checkpoint
+    ray_checkpoints = sorted(p for p in layout.checkpoints.glob("*/checkpoint_*") if p.is_dir())
+    for directory in [path] + ray_checkpoints[::-1][:1]:
+        for name in RAY_CHECKPOINT_FILES:
+            if (directory / name).is_file():
+                return directory / name
+    if layout.seed_group.is_file():
+        runs = sorted(p.name for p in path.iterdir() if (p / "config.yaml").is_file())
+        raise MsaSearchError(f"{path}: a seed group, one run per seed; name one of its runs "
+                             f"({', '.join(str(path / r) for r in runs) or 'none started yet'})")
+    raise MsaSearchError(f"{path}: a directory without a checkpoint (expected a run directory with "
+                         f"checkpoints/last.pt or checkpoints/*/checkpoint_*/, or a Ray Train checkpoint directory "
+                         f"with {', '.join(RAY_CHECKPOINT_FILES)})")
 
 
 def read_checkpoint(path: str | Path) -> StateDict:
-    """The state dict inside `path`, as saved (not yet converted). Only tensors and plain
-    containers are unpickled (torch.load weights_only): a checkpoint runs no code."""
-    path = Path(path)
-    if not path.is_file():
-        raise MsaSearchError(f"{path}: no such checkpoint file")
+    """The state dict inside `path` (a file, or a directory: `checkpoint_file`), as saved (not yet
+    converted). Only tensors and plain containers are unpickled (torch.load weights_only): a
+    checkpoint runs no code. The one exception is a ZeRO-3 checkpoint, which DeepSpeed's reader
+    unpickles whole: a run's own."""
+    path = checkpoint_file(Path(path))
     try:
         saved = load_checkpoint(path, "cpu")
     except Exception as exc:  # pickle, zip and torch's own errors (a KeyError for plain text)
         lines = str(exc).strip().splitlines()
         raise MsaSearchError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}"
                              + (f": {lines[0]})" if lines and not isinstance(exc, KeyError) else ")")) from None
+    if isinstance(saved, dict) and (saved.get("ds_config") or {}).get("zero_optimization", {}).get("stage") == 3:
+        saved = _zero3_weights(path)
     if isinstance(saved, dict):
         saved = next((saved[k] for k in WEIGHT_ENTRIES if isinstance(saved.get(k), dict)), saved)
     if not (isinstance(saved, dict) and saved and all(isinstance(v, torch.Tensor) for v in saved.values())):
@@ -47,6 +83,19 @@ def read_checkpoint(path: str | Path) -> StateDict:
     if all(k.startswith("module.") for k in saved):  # saved from a DataParallel/DDP wrapper
         saved = {k[len("module."):]: v for k, v in saved.items()}
     return saved
+
+
+def _zero3_weights(model_states: Path) -> StateDict:
+    """Under ZeRO-3 the model states hold only partitions: DeepSpeed's own reader gathers the
+    fp32 weights from every rank's files in the checkpoint (state/ under its parent)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = model_states.parent
+    try:
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name))
+    except Exception as exc:  # DeepSpeed raises ValueError, FileNotFoundError, ...
+        raise MsaSearchError(f"{tag.parent}: a ZeRO-3 checkpoint DeepSpeed could not read "
+                             f"({type(exc).__name__}: {exc})") from None
 
 
 def fitted_weights(entry: ModelEntry, model: nn.Module, saved: StateDict, source: str | Path,
@@ -65,6 +114,7 @@ def fitted_weights(entry: ModelEntry, model: nn.Module, saved: StateDict, source
         except ValueError as exc:
             raise MsaSearchError(f"{source}: {exc}") from None
     expected = model.state_dict()
+    saved = {**_tied_copies(model, saved), **saved}
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
     if missing or unexpected:
@@ -85,6 +135,19 @@ def init_weights(saved: StateDict, source: str | Path, cfg: ExperimentConfig, sp
     worker loads them as they are."""
     entry = get_model(cfg.model.name)
     return fitted_weights(entry, entry.build(cfg.model, spec), saved, source, on_skip)
+
+
+def _tied_copies(model: nn.Module, saved: StateDict) -> StateDict:
+    """The entries of tied parameters (one tensor under two names, e.g. LNLN's shared fusion
+    token) that `saved` holds under one name only, as DeepSpeed's ZeRO-3 reader writes them."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    copies = {}
+    for names in names_of.values():
+        present = [n for n in names if n in saved]
+        copies.update({n: saved[present[0]] for n in names if present and n not in saved})
+    return copies
 
 
 def _some(keys: list[str], shown: int = 3) -> str:

@@ -94,6 +94,8 @@ def test_bad_checkpoints_and_configs_fail_with_one_line(checkpoints, run_cli, tm
     cases = [
         (["evaluate", "--checkpoint", "junk.pt", "--config", str(CONFIG), *SET], "not a PyTorch checkpoint"),
         (["evaluate", "--checkpoint", "absent.pt", "--config", str(CONFIG), *SET], "no such checkpoint file"),
+        (["evaluate", "--checkpoint", str(checkpoints), "--config", str(CONFIG), *SET],
+         "a directory without a checkpoint"),
         (["evaluate", "--checkpoint", fresh, "--config", str(CONFIG), *SET, "--set", "model.hidden_dim=48"],
          "has shape"),
         (["evaluate", "--checkpoint", reference, "--config", str(ROOT / "configs" / "hrlf_quick.yaml"), *SET],

@@ -13,6 +13,7 @@ import torch
 
 from data_pipeline.errors import MsaSearchError
 from data_pipeline.loader import load_splits
+from data_pipeline.store import read_spec
 from search.config import ExperimentConfig
 from search.distributed import cpu_layout_hint, train_distributed
 from search.layout import Layout
@@ -21,6 +22,7 @@ from search.results import ResultsStore
 from search.run import train_in_process
 from search.trainer import build_state, unwrap
 from search.shared_data import DATA_PRIVATE_MB
+from search.weights import init_weights, read_checkpoint
 from search.worker import CLIENT_STATE_FILE
 
 pytestmark = pytest.mark.integration
@@ -121,6 +123,11 @@ def test_two_worker_zero3_run_survives_a_one_row_tail_batch(tmp_path):
     run, metrics = train_distributed(cfg)
     assert_complete_results(run, epochs=1)
     assert metrics["epoch"] == 0 and 0.0 <= metrics["robust_f1"] <= 1.0
+    # `evaluate --checkpoint RUN` and `--init-from RUN`: each rank holds a partition; DeepSpeed's
+    # reader gathers them, and the fusion token (tied: one tensor, two names) comes back under both.
+    spec = read_spec(next(Layout(run).data.glob("*/schema.json")).parent)
+    weights = init_weights(read_checkpoint(run), run, cfg, spec)
+    assert weights["fusion.transformer.source_token"] is weights["fusion.transformer.target_token"]
 
 
 def test_fp16_on_cpu_is_refused_before_ray_starts(tmp_path):
@@ -167,9 +174,13 @@ def test_grad_accum_trains_the_same_weights_in_process_and_in_ddp_and_deepspeed_
     assert any(not torch.equal(initial[k], v) for k, v in expected.items()), "it trained"
     ddp_run = ddp1_run
     ds_run, _ = train_distributed(tiny_cfg(tmp_path, "deepspeed", workers=1, engine="deepspeed", **train))
-    ddp = torch.load(last_checkpoint(ddp_run) / CLIENT_STATE_FILE, weights_only=False)["model"]
-    ds = torch.load(last_checkpoint(ds_run) / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    # The weights as `evaluate --checkpoint RUN` and `--init-from RUN` read them: each run
+    # directory's newest checkpoint (in-process: last.pt; DDP: client_state.pt; DeepSpeed: its
+    # model states), through the weights-only reader.
+    assert (last_checkpoint(ddp_run) / CLIENT_STATE_FILE).is_file()
+    ddp, ds = read_checkpoint(ddp_run), read_checkpoint(ds_run)
     assert ddp.keys() == ds.keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in read_checkpoint(tmp_path / "in-process").items())
     for name, weight in expected.items():
         # DDP runs our optimizer step on the same module: bit-identical. DeepSpeed divides the
         # loss by grad_accum and clips with its own norm: float rounding only (fp32), which
