@@ -382,8 +382,9 @@ def export_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint",
-                                    help="Weights: a run directory of ours (its newest checkpoint: in-process, DDP or "
-                                         "DeepSpeed, ZeRO-3 included), a checkpoint file of ours or a state dict, or "
+                                    help="Weights: a run directory or a Tune trial's directory of ours (its newest "
+                                         "checkpoint: in-process, DDP or DeepSpeed, ZeRO-3 included), a checkpoint "
+                                         "file of ours or a state dict, or "
                                          "the reference LNLN code's (.pth), told apart by its names."),
     config: Path = typer.Option(..., "--config", help="Config that builds the model and names the data and the grid."),
     set_: list[str] = SET_OPTION,

@@ -30,16 +30,18 @@ StateDict = dict[str, torch.Tensor]
 # A file's entry that holds the weights: ours (save_state), DeepSpeed's model states, then the
 # reference code's (save_model).
 WEIGHT_ENTRIES = ("model", "module", "state_dict")
-# Where a Ray Train checkpoint directory keeps the weights: DDP's save_state file (search/worker.py),
-# DeepSpeed's model states under the tag the worker saves with (ZeRO-3: rank 0's partition's).
-RAY_CHECKPOINT_FILES = ("client_state.pt", "state/mp_rank_00_model_states.pt",
+# Where a Ray checkpoint directory keeps the weights: an in-process Tune trial's and a DDP run's
+# save_state file (search/trials.py, search/worker.py), DeepSpeed's model states under the tag
+# the worker saves with (ZeRO-3: rank 0's partition's).
+RAY_CHECKPOINT_FILES = ("state.pt", "client_state.pt", "state/mp_rank_00_model_states.pt",
                         "state/zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def checkpoint_file(path: Path) -> Path:
     """`path` itself, or for a directory the newest checkpoint in it: a run directory's
     checkpoints/last.pt (in-process) or its newest Ray Train checkpoint (checkpoint_<time>
-    directories, named so that they sort in time), or a Ray Train checkpoint directory's file."""
+    directories, named so that they sort in time), a Tune trial directory's newest
+    (checkpoint_<number>), or a Ray checkpoint directory's file."""
     if not path.is_dir():
         if not path.is_file():
             raise MsaSearchError(f"{path}: no such checkpoint file or directory")
@@ -47,8 +49,9 @@ def checkpoint_file(path: Path) -> Path:
     layout = Layout(path)
     if layout.last_checkpoint.is_file():
         return layout.last_checkpoint
-    ray_checkpoints = sorted(p for p in layout.checkpoints.glob("*/checkpoint_*") if p.is_dir())
-    for directory in [path] + ray_checkpoints[::-1][:1]:
+    newest = [max((p for p in pattern if p.is_dir()), default=path)
+              for pattern in (layout.checkpoints.glob("*/checkpoint_*"), path.glob("checkpoint_*"))]
+    for directory in [path, *newest]:
         for name in RAY_CHECKPOINT_FILES:
             if (directory / name).is_file():
                 return directory / name
@@ -56,9 +59,12 @@ def checkpoint_file(path: Path) -> Path:
         runs = sorted(p.name for p in path.iterdir() if (p / "config.yaml").is_file())
         raise MsaSearchError(f"{path}: a seed group, one run per seed; name one of its runs "
                              f"({', '.join(str(path / r) for r in runs) or 'none started yet'})")
+    if layout.is_experiment:
+        raise MsaSearchError(f"{path}: a search; name one of its trials' directories ({path}/ray/tune/*_<trial id>_*, "
+                             f"its newest checkpoint) or retrain a trial's config (msa-search export)")
     raise MsaSearchError(f"{path}: a directory without a checkpoint (expected a run directory with "
-                         f"checkpoints/last.pt or checkpoints/*/checkpoint_*/, or a Ray Train checkpoint directory "
-                         f"with {', '.join(RAY_CHECKPOINT_FILES)})")
+                         f"checkpoints/last.pt or checkpoints/*/checkpoint_*/, a Tune trial directory with "
+                         f"checkpoint_*/, or a Ray checkpoint directory with {', '.join(RAY_CHECKPOINT_FILES)})")
 
 
 def read_checkpoint(path: str | Path) -> StateDict:

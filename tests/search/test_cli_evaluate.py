@@ -90,12 +90,16 @@ def test_a_runs_own_last_checkpoint_evaluates_to_its_last_epoch(init_run):
 
 def test_bad_checkpoints_and_configs_fail_with_one_line(checkpoints, run_cli, tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "optuna.db").touch()  # what marks a search's directory
     fresh, reference = str(checkpoints / "fresh.pt"), str(checkpoints / "reference.pth")
     cases = [
         (["evaluate", "--checkpoint", "junk.pt", "--config", str(CONFIG), *SET], "not a PyTorch checkpoint"),
         (["evaluate", "--checkpoint", "absent.pt", "--config", str(CONFIG), *SET], "no such checkpoint file"),
         (["evaluate", "--checkpoint", str(checkpoints), "--config", str(CONFIG), *SET],
          "a directory without a checkpoint"),
+        (["evaluate", "--checkpoint", str(tmp_path / "exp"), "--config", str(CONFIG), *SET],
+         "a search; name one of its trials' directories"),
         (["evaluate", "--checkpoint", fresh, "--config", str(CONFIG), *SET, "--set", "model.hidden_dim=48"],
          "has shape"),
         (["evaluate", "--checkpoint", reference, "--config", str(ROOT / "configs" / "hrlf_quick.yaml"), *SET],

@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 import ray
+import torch
 
 from data_pipeline.loader import load_splits
 from search.config import ConfigError, load_config
@@ -17,6 +18,7 @@ from search.results import ResultsStore
 from search.run import train_in_process
 from search.shared_data import DATA_PRIVATE_MB
 from search.tune import run_experiment
+from search.weights import read_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -93,6 +95,13 @@ def test_export_then_train_reproduces_the_exported_metrics(experiment, tmp_path)
     assert list(a.pattern) == list(b.pattern) and len(a) == 32
     for metric in ("f1_non0", "acc2_has0", "acc7", "mae", "corr"):
         assert (a[metric] - b[metric]).abs().max() <= 1e-6, metric
+    # The trial's own weights, as `evaluate --checkpoint TRIAL_DIR` reads them (its newest
+    # Tune checkpoint), are the retrained run's (`--checkpoint RUN_DIR`: its last.pt).
+    trial_dir = next((Layout(experiment).ray / Layout.TUNE_NAME).glob(f"*_{trial_id}_*"))
+    trial_weights, retrained_weights = read_checkpoint(trial_dir), read_checkpoint(tmp_path / "retrain")
+    assert trial_weights.keys() == retrained_weights.keys()
+    for name, weight in trial_weights.items():
+        torch.testing.assert_close(retrained_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_existing_experiment_dir_is_refused(experiment):
