@@ -1,4 +1,4 @@
-"""Summaries of a Parquet dataset for `msa-search data inspect`."""
+"""Summaries of a Parquet dataset or an MMSA pickle for `msa-search data inspect`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 from rich.console import Group
 from rich.table import Table
 
-from .presets import SPLITS
+from .mmsa import read_mmsa
+from .presets import MODALITIES, SPLITS
 from .schema import DataSpec
 from .store import read_spec
 
@@ -27,26 +28,34 @@ class SplitSummary:
     mean_lengths: dict[str, float]
 
 
-def summarize(store_dir: str | Path) -> tuple[DataSpec, list[SplitSummary]]:
-    """Reads only the small columns (labels, lengths), so it is fast on any size."""
-    store_dir = Path(store_dir)
-    spec = read_spec(store_dir)
+def summarize(source: str | Path, dataset: str | None = None) -> tuple[DataSpec, list[SplitSummary]]:
+    """A Parquet dataset directory: reads only the small columns (labels, lengths), so it is
+    fast on any size. An MMSA pickle: validated and read whole, as `data convert` reads it
+    (`dataset` as its --dataset), nothing written."""
+    source = Path(source)
+    if source.is_file():
+        data = read_mmsa(source, dataset)
+        return data.spec, [_summary(name, split.labels, {m: getattr(split, f"{m}_lengths") for m in MODALITIES},
+                                    data.spec) for name, split in data.splits.items()]
+    spec = read_spec(source)
     summaries = []
     for split in SPLITS:
-        path = store_dir / f"{split}.parquet"
+        path = source / f"{split}.parquet"
         if not path.is_file():
             continue
-        table = pq.read_table(path, columns=["label", "text_length", "audio_length", "vision_length"])
-        labels = table.column("label").to_numpy()
-        # 7 classes as Acc-7 counts them, labels rescaled so SIMS' [-1, 1] maps onto -3..3.
-        classes = np.clip(np.round(labels * (3.0 / spec.label_max)), -3, 3)
-        hist = np.array([(classes == c).sum() for c in range(-3, 4)])
-        summaries.append(SplitSummary(
-            split=split, samples=table.num_rows, label_mean=float(labels.mean()), label_std=float(labels.std()),
-            zero_labels=int((labels == 0).sum()), histogram=hist,
-            mean_lengths={m: float(table.column(f"{m}_length").to_numpy().mean()) for m in ("text", "audio", "vision")},
-        ))
+        table = pq.read_table(path, columns=["label", *(f"{m}_length" for m in MODALITIES)])
+        summaries.append(_summary(split, table.column("label").to_numpy(),
+                                  {m: table.column(f"{m}_length").to_numpy() for m in MODALITIES}, spec))
     return spec, summaries
+
+
+def _summary(split: str, labels: np.ndarray, lengths: dict[str, np.ndarray], spec: DataSpec) -> SplitSummary:
+    # 7 classes as Acc-7 counts them, labels rescaled so SIMS' [-1, 1] maps onto -3..3.
+    classes = np.clip(np.round(labels * (3.0 / spec.label_max)), -3, 3)
+    hist = np.array([(classes == c).sum() for c in range(-3, 4)])
+    return SplitSummary(split=split, samples=len(labels), label_mean=float(labels.mean()),
+                        label_std=float(labels.std()), zero_labels=int((labels == 0).sum()), histogram=hist,
+                        mean_lengths={m: float(l.mean()) for m, l in lengths.items()})
 
 
 def sparkline(counts: np.ndarray) -> str:

@@ -85,7 +85,8 @@ def read_spec(store_dir: str | Path) -> DataSpec:
     if not schema_path.is_file():
         raise DataValidationError(str(store_dir), None, SCHEMA_FILE,
                                   "a Parquet dataset written by `msa-search data convert` or `data synth`",
-                                  "no schema.json")
+                                  "no schema.json" if store_dir.is_dir() else
+                                  "a file, not a directory" if store_dir.exists() else "nothing at that path")
     try:
         return DataSpec.from_dict(json.loads(schema_path.read_text()))
     except (ValueError, TypeError) as exc:

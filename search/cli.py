@@ -139,11 +139,16 @@ def data_export(
 
 
 @data_app.command("inspect")
-def data_inspect(store: Path = typer.Argument(..., help="A Parquet dataset directory.")) -> None:
-    """Show splits, sizes, dims and the label histogram of a Parquet dataset."""
+def data_inspect(
+    store: Path = typer.Argument(..., help="A Parquet dataset directory, or an MMSA pickle (validated as "
+                                           "`data convert` does, nothing written)."),
+    dataset: str = typer.Option(None, "--dataset", help="An MMSA pickle's dataset family (mosi, mosei, sims), as "
+                                                        "for `data convert`; default: guessed from the file."),
+) -> None:
+    """Show splits, sizes, dims and the label histogram of a Parquet dataset or an MMSA pickle."""
     from data_pipeline.inspect import render, summarize
 
-    console.print(render(*summarize(store)))
+    console.print(render(*summarize(store, dataset)))
 
 
 # Options shared by the commands that run experiments.

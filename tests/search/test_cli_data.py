@@ -27,6 +27,11 @@ def test_synth_convert_inspect_pipeline(tmp_path):
     for split, n in (("train", 27), ("valid", 9), ("test", 9)):
         assert any(line.replace("│", " ").split()[:2] == [split, str(n)] for line in out.splitlines()), split
     assert "label histogram" in out
+    # The pickle itself inspects the same, without converting it (nothing written).
+    before = sorted(tmp_path.iterdir())
+    r = cli("data", "inspect", "s.pkl", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == out and sorted(tmp_path.iterdir()) == before
     # ... and back to an MMSA pickle: the same arrays as the pickle it came from.
     r = cli("data", "export", "s", "--format", "mmsa-pkl", "--out", "back.pkl", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -55,7 +60,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     r = cli("data", "inspect", "nowhere", cwd=tmp_path)
-    assert r.returncode == 1 and "schema.json" in r.stderr
+    assert r.returncode == 1 and "schema.json" in r.stderr and "nothing at that path" in r.stderr
     r = cli("data", "synth", "--preset", "imdb", "--out", "x", cwd=tmp_path)
     assert r.returncode == 2 and "imdb" in r.stderr
 
