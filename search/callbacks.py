@@ -33,7 +33,8 @@ class TrainResultsCallback(UserCallback):
         self.layout = Layout(run_dir).with_config(cfg)  # results in output.storage when set
         self.run = RunInfo.of(run_dir.name, run_id, cfg)
         self.epochs = cfg.train.epochs
-        self.started = time.time()
+        # A resumed run's clock goes on from its stored rows' (none on a new run).
+        self.started = time.time() - ResultsStore(self.layout.results).elapsed_s(run_id)
 
     def after_report(self, run_context, metrics, checkpoint):
         report = metrics[0]

@@ -232,7 +232,7 @@ def _train_one(cfg, resume: Path | None, address: str | None, init_from: Path | 
 
             out, metrics = train_distributed(cfg, resume_dir=resume, console=err_console,
                                              ray_address=address, init_from=init_from)
-            return (f"done: {out} (config.yaml, results/, checkpoints/); "
+            return (f"done: {out} (config.yaml, results/, checkpoints/, logs/ray.log); "
                     f"last epoch valid robust_f1 {metrics.get('robust_f1', float('nan')):.4f}")
         state, out = train_in_process(cfg, console=err_console, init_from=init_from, resume_dir=resume)
     except KeyboardInterrupt:
@@ -393,18 +393,21 @@ def evaluate_cmd(
                                          "the reference LNLN code's (.pth), told apart by its names."),
     config: Path = typer.Option(..., "--config", help="Config that builds the model and names the data and the grid."),
     set_: list[str] = SET_OPTION,
-    out: Path = typer.Option(None, "--out", help="New run directory (default: ./eval-STEM, STEM the checkpoint's file name without its extension)."),
+    out: Path = typer.Option(None, "--out",
+                             help="New run directory (default: ./eval-NAME, NAME the checkpoint's file or directory "
+                                  "name without its extension, or a Tune trial's id)."),
 ) -> None:
     """Evaluate a checkpoint over missing.eval_grid on valid and test, without training.
 
-    Writes DIR/config.yaml and DIR/results/ (epoch 0, trial_id = the checkpoint's file stem),
+    Writes DIR/config.yaml and DIR/results/ (epoch 0, trial_id = the checkpoint's NAME, see --out),
     which `msa-search report DIR` reads like a run."""
     from .config import load_config
     from .evaluate_checkpoint import evaluate_checkpoint, results_table
+    from .weights import checkpoint_name
 
     cfg = load_config(config, set_)
     with err_console.status(f"evaluating {checkpoint.name} on {len(cfg.missing.eval_grid)} patterns"):
-        evaluation = evaluate_checkpoint(checkpoint, cfg, out or Path(f"eval-{checkpoint.stem}"),
+        evaluation = evaluate_checkpoint(checkpoint, cfg, out or Path(f"eval-{checkpoint_name(checkpoint)}"),
                                          on_skip=err_console.print)
     console.print(results_table(evaluation, cfg))
     console.print(f"wrote {evaluation.out} (config.yaml, results/)")

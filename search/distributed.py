@@ -23,6 +23,7 @@ from .config import ExperimentConfig
 from .consoles import make_console
 from .layout import Layout
 from .devices import place, visible_gpus
+from .ray_output import ray_output_to
 from .ray_setup import cluster_of, ensure_ray, torch_trainer
 from .results import epoch_label
 from .run import check_new_run_dir, config_to_resume, new_run_dir
@@ -73,34 +74,36 @@ def train_distributed(cfg: ExperimentConfig | None, *, resume_dir: Path | None =
             layout.config.write_text(cfg.to_yaml())  # as written: a resume may run on another cluster
         store = prepare_store(cfg.data, layout.data)
         init = None if saved is None else init_weights(saved, init_from, cfg, read_spec(store), console.print)
-    ensure_ray(ray_address)
-    for line in placement.warnings:
-        console.print(line, highlight=False)
-    cfg = placement.apply(cfg)  # the workers' config: train.device cpu or cuda
-    hint = cpu_layout_hint(cfg, placement.use_gpu)
-    if hint:
-        console.print(hint, highlight=False)
-    run_id = layout.root.name
-    trainer = torch_trainer(cfg, data=share_splits(store), name="train", storage_path=layout.ray_train_storage,
-                            checkpoint_key=hashlib.blake2b(str(layout.root).encode(), digest_size=6).hexdigest(),
-                            callbacks=[TrainResultsCallback(layout.root, run_id, cfg)],
-                            init_weights=None if init is None else ray.put(init))
-    stop = threading.Event()
-    watcher = threading.Thread(target=_print_epochs, args=(layout, cfg, console, stop), daemon=True)
-    watcher.start()
-    try:
-        result = trainer.fit()
-    except SystemExit as exc:
-        # Ray Train takes Ctrl-C itself (a handler it sets in the driver's main thread): it aborts
-        # the run, and the driver's wait for it then ends in a silent SystemExit(1) (Ray 2.60).
-        # Said as the interrupt it is: the CLI names the resume, and the exit code is 130.
-        raise KeyboardInterrupt from exc
-    except Exception as exc:  # TrainingFailedError and friends: one actionable line
-        raise MsaSearchError(f"training failed: {_worker_error(exc)}; continue from the last checkpoint with: "
-                             f"msa-search train --resume {layout.root}") from exc
-    finally:
-        stop.set()
-        watcher.join(timeout=5)
+    # Ray's own output (its start-up lines, Ray Train's logs) goes to RUN/logs/ray.log, as a search's.
+    with ray_output_to(layout.ray_log):
+        ensure_ray(ray_address)
+        for line in placement.warnings:
+            console.print(line, highlight=False)
+        cfg = placement.apply(cfg)  # the workers' config: train.device cpu or cuda
+        hint = cpu_layout_hint(cfg, placement.use_gpu)
+        if hint:
+            console.print(hint, highlight=False)
+        run_id = layout.root.name
+        trainer = torch_trainer(cfg, data=share_splits(store), name="train", storage_path=layout.ray_train_storage,
+                                checkpoint_key=hashlib.blake2b(str(layout.root).encode(), digest_size=6).hexdigest(),
+                                callbacks=[TrainResultsCallback(layout.root, run_id, cfg)],
+                                init_weights=None if init is None else ray.put(init))
+        stop = threading.Event()
+        watcher = threading.Thread(target=_print_epochs, args=(layout, cfg, console, stop), daemon=True)
+        watcher.start()
+        try:
+            result = trainer.fit()
+        except SystemExit as exc:
+            # Ray Train takes Ctrl-C itself (a handler it sets in the driver's main thread): it aborts
+            # the run, and the driver's wait for it then ends in a silent SystemExit(1) (Ray 2.60).
+            # Said as the interrupt it is: the CLI names the resume, and the exit code is 130.
+            raise KeyboardInterrupt from exc
+        except Exception as exc:  # TrainingFailedError and friends: one actionable line
+            raise MsaSearchError(f"training failed: {_worker_error(exc)}; continue from the last checkpoint with: "
+                                 f"msa-search train --resume {layout.root}") from exc
+        finally:
+            stop.set()
+            watcher.join(timeout=5)
     return layout.root, dict(result.metrics or {})
 
 

@@ -27,7 +27,7 @@ from .objective import objective_value
 from .results import EpochResults, ResultsStore, RunInfo
 from .run import new_run_dir
 from .trainer import evaluate_epoch
-from .weights import fitted_weights, read_checkpoint
+from .weights import checkpoint_name, fitted_weights, read_checkpoint
 
 EPOCH = 0  # an evaluation is one epoch of its own run
 
@@ -58,7 +58,7 @@ def evaluate_checkpoint(checkpoint: Path, cfg: ExperimentConfig, out: Path,
     started = time.perf_counter()
     splits = stage_splits({s: load_split(store, s, spec) for s in EVALUATED_SPLITS}, device)
     results = evaluate_epoch(model.to(device), cfg, splits, device)
-    run = RunInfo.of(layout.root.name, Path(checkpoint).stem, cfg)
+    run = RunInfo.of(layout.root.name, checkpoint_name(Path(checkpoint)), cfg)
     ResultsStore(layout.results).append(run, EPOCH, results, time.perf_counter() - started)
     return Evaluation(layout.root, run.trial_id, results)
 

@@ -321,6 +321,16 @@ class ResultsStore:
             self.fs.delete_file(path)
         return len(gone)
 
+    def elapsed_s(self, trial_id: str) -> float:
+        """The latest wall_time_s of a trial's stored rows (0 when it has none): where a resumed
+        run's clock goes on from, so that its epochs' times keep rising, the time it stood still
+        left out."""
+        df = self.read(hparams=False)
+        if df.empty:
+            return 0.0
+        times = df.wall_time_s[df.trial_id == trial_id]
+        return float(times.max()) if len(times) else 0.0
+
     def read(self, hparams: bool = True) -> pd.DataFrame:
         """One row per (trial_id, epoch, split, pattern), in trial then epoch order; string
         columns are categoricals (categories sorted: they compare, sort and group as strings).

@@ -111,7 +111,7 @@ def train_in_process(cfg: ExperimentConfig, *, run_id: str | None = None, show_p
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
                         disable=not (show_progress and console.is_terminal))
-    started = time.perf_counter()
+    started = time.perf_counter() - (store.elapsed_s(run.trial_id) if resume_dir is not None else 0.0)
 
     def on_epoch(state: TrainState, report: EpochReport) -> None:
         store.append(run, report.epoch, report.results, time.perf_counter() - started)

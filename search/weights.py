@@ -11,6 +11,8 @@ registry entry's `reference_checkpoints`, e.g. models/lnln_reference.py).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -56,7 +58,7 @@ def checkpoint_file(path: Path) -> Path:
             if (directory / name).is_file():
                 return directory / name
     if layout.seed_group.is_file():
-        runs = sorted(p.name for p in path.iterdir() if (p / "config.yaml").is_file())
+        runs = sorted(p.name for p in path.iterdir() if Layout(p).config.is_file())
         raise MsaSearchError(f"{path}: a seed group, one run per seed; name one of its runs "
                              f"({', '.join(str(path / r) for r in runs) or 'none started yet'})")
     if layout.is_experiment:
@@ -65,6 +67,19 @@ def checkpoint_file(path: Path) -> Path:
     raise MsaSearchError(f"{path}: a directory without a checkpoint (expected a run directory with "
                          f"checkpoints/last.pt or checkpoints/*/checkpoint_*/, a Tune trial directory with "
                          f"checkpoint_*/, or a Ray checkpoint directory with {', '.join(RAY_CHECKPOINT_FILES)})")
+
+
+def checkpoint_name(path: Path) -> str:
+    """What to call the weights at `path` (evaluate's trial_id and default eval-<name>): a Tune
+    trial's id for its directory or one of its checkpoints (from the trial's result.json: Ray's
+    directory names carry every sampled value), else the file's stem or the directory's name."""
+    for directory in (path, path.parent, path.parent.parent)[:3 if path.is_file() else 2]:
+        results = directory / "result.json"
+        if results.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                with results.open() as fh:
+                    return str(json.loads(fh.readline())["trial_id"])
+    return path.stem
 
 
 def read_checkpoint(path: str | Path) -> StateDict:

@@ -72,6 +72,9 @@ def test_an_interrupted_run_resumes_to_the_run_that_never_stopped(tmp_path):
             for run in ("whole", "cut"))
     metrics = [c for c in a.columns if c not in ("experiment", "trial_id", "wall_time_s")]
     assert len(a) == 2 * 2 * 16 and a[metrics].equals(b[metrics])
+    # The resumed epoch's clock goes on from the first's: the run's time never runs backwards.
+    first, second = (b.wall_time_s[b.epoch == e] for e in (0, 1))
+    assert second.min() > first.max(), (first.max(), second.min())
     again = cli("train", "--resume", str(cut), cwd=tmp_path)
     assert again.returncode == 0 and "ran all its 2 epochs already" in again.stderr
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from search.layout import Layout
 from search.results import ResultsStore
 
 pytestmark = pytest.mark.integration
@@ -72,6 +73,9 @@ def test_killed_worker_run_resumes_without_duplicate_or_missing_rows(tmp_path):
             driver.kill()
     assert driver.returncode != 0
     assert "--resume" in err and str(run) in err
+    # Ray's own lines (its start, token auth) went to the run's log, not between our lines.
+    started = "Started a local Ray instance"
+    assert started not in err and started in Layout(run).ray_log.read_text()
     done_before = {e["epoch"] for e in epochs_logged(run)}
     assert 0 in done_before and len(done_before) < 3, "killed mid-run"
 
@@ -87,4 +91,7 @@ def test_killed_worker_run_resumes_without_duplicate_or_missing_rows(tmp_path):
     assert [e["epoch"] for e in log].count(0) == 1
     # ...and evaluated on exactly the same masks as before the kill.
     assert len({(e["mask_fingerprint/valid"], e["mask_fingerprint/test"]) for e in log}) == 1
+    # The run's clock went on from the rows stored before the kill: epochs' times keep rising.
+    times = df.groupby("epoch").wall_time_s.agg(["min", "max"]).sort_index()
+    assert (times["min"].iloc[1:].to_numpy() > times["max"].iloc[:-1].to_numpy()).all(), times
 

@@ -18,7 +18,7 @@ from search.results import ResultsStore
 from search.run import train_in_process
 from search.shared_data import DATA_PRIVATE_MB
 from search.tune import run_experiment
-from search.weights import read_checkpoint
+from search.weights import checkpoint_name, read_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -99,6 +99,7 @@ def test_export_then_train_reproduces_the_exported_metrics(experiment, tmp_path)
     # Tune checkpoint), are the retrained run's (`--checkpoint RUN_DIR`: its last.pt).
     trial_dir = next((Layout(experiment).ray / Layout.TUNE_NAME).glob(f"*_{trial_id}_*"))
     trial_weights, retrained_weights = read_checkpoint(trial_dir), read_checkpoint(tmp_path / "retrain")
+    assert checkpoint_name(trial_dir) == checkpoint_name(next(trial_dir.glob("checkpoint_*/state.pt"))) == trial_id
     assert trial_weights.keys() == retrained_weights.keys()
     for name, weight in trial_weights.items():
         torch.testing.assert_close(retrained_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
