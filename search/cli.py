@@ -344,8 +344,13 @@ def _print_status(exp: Path) -> None:
     from .report_data import text_missing_note
 
     layout, cfg, df = load_experiment(exp, hparams=False)  # configs come from the params files
-    states = trial_states(layout)
-    console.print("study: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no trials yet"))
+    if layout.is_experiment:
+        states = trial_states(layout)
+        console.print("study: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no trials yet"))
+    else:  # a `train` or `evaluate` run: no study, one trial
+        stored = df.epoch.nunique() if not df.empty else 0
+        console.print(f"run directory (msa-search train or evaluate; no study): {stored} epoch"
+                      f"{'' if stored == 1 else 's'} stored, of train.epochs {cfg.train.epochs}")
     if df.empty:
         return
     best = score_trials(layout, cfg, df)[0]

@@ -78,6 +78,14 @@ def test_train_init_from_starts_at_the_checkpoint(init_run, evaluated):
     assert (trained.mae - start.mae).abs().max() < 1e-4 and (trained.f1_non0 == start.f1_non0).mean() > 0.9
 
 
+def test_status_of_a_run_directory_says_what_it_is(init_run):
+    r = cli("status", str(init_run), cwd=init_run.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("run directory (msa-search train or evaluate; no study): 1 epoch stored, "
+                               "of train.epochs 1\n"), r.stdout  # not "study: no trials yet"
+    assert "best so far: trial run epoch 0" in r.stdout
+
+
 def test_a_runs_own_last_checkpoint_evaluates_to_its_last_epoch(init_run):
     # checkpoints/last.pt holds numpy's generator state too: read without running code all the same.
     r = cli("evaluate", "--checkpoint", str(init_run / "checkpoints" / "last.pt"), "--config",
