@@ -284,7 +284,7 @@ def tune_cmd(
         raise fault from exc
     if outcome.interrupted:
         # The view's last line has each trial's state; Tune calls the cut-off ones terminated.
-        _print_status(outcome.exp_dir)
+        _print_status(outcome.exp_dir, cut_off_line=False)  # the next line says how to go on
         err_console.print(f"interrupted: the search's state is saved in {outcome.exp_dir}; go on with: "
                           f"msa-search tune --resume {outcome.exp_dir}", highlight=False, soft_wrap=True)
         raise typer.Exit(130)  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
@@ -337,7 +337,8 @@ def _refuse_unwritable_output(cfg) -> None:
                           f"({cfg.output.dir}), found {reason}")
 
 
-def _print_status(exp: Path) -> None:
+def _print_status(exp: Path, cut_off_line: bool = True) -> None:
+    from .driver_presence import driver_state
     from .evaluation_plan import POLICY_EPOCHS, resolved_policy
     from .export import load_experiment, pattern_table, score_trials, stored_pattern_metrics, trial_states
     from .objective import held_out_patterns
@@ -347,6 +348,9 @@ def _print_status(exp: Path) -> None:
     if layout.is_experiment:
         states = trial_states(layout)
         console.print("study: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no trials yet"))
+        if cut_off_line and states.get("running") and driver_state(layout) == "stopped":
+            console.print(f"no search is running: its {states['running']} running trial(s) were cut off (Ctrl-C or a "
+                          f"stopped driver); go on with: msa-search tune --resume {layout.root}", soft_wrap=True)
     else:  # a `train` or `evaluate` run: no study, one trial
         stored = df.epoch.nunique() if not df.empty else 0
         console.print(f"run directory (msa-search train or evaluate; no study): {stored} epoch"

@@ -119,6 +119,10 @@ class Layout:
         return self.root / f"table-{protocol}.md"
 
     @property
+    def driver(self) -> Path:  # the running search's driver: host, pid (search/driver_presence.py)
+        return self.root / ".driver"
+
+    @property
     def logs(self) -> Path:  # Ray's and Optuna's own output while the console shows the live view
         return self.root / "logs"
 

@@ -23,6 +23,7 @@ from . import interrupt
 from .console_view import showing
 from .deferred_test import DeferredTests, evaluate_deferred_tests
 from .devices import place, visible_gpus
+from .driver_presence import driver_marked
 from .layout import Layout
 from .objective import OBJECTIVE
 from .ray_output import ray_output_to
@@ -73,8 +74,8 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
             store = prepare_store(cfg.data, layout.data)
     else:
         store = prepare_store(cfg.data, layout.data)
-    with ray_output_to(layout.ray_log, verbose=verbose) as ray_warnings, showing(sys.stderr, ray_warnings), \
-            ThreadPoolExecutor(1, thread_name_prefix="study-storage") as pool:
+    with driver_marked(layout), ray_output_to(layout.ray_log, verbose=verbose) as ray_warnings, \
+            showing(sys.stderr, ray_warnings), ThreadPoolExecutor(1, thread_name_prefix="study-storage") as pool:
         # A new study database takes ~1-3 s (Optuna's schema, in SQLAlchemy): made while Ray starts.
         import optuna  # noqa: F401 (here, not first in the thread beside Ray's imports)
         storage = pool.submit(study_storage, layout) if uses_study(cfg) else None

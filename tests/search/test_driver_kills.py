@@ -193,6 +193,13 @@ def test_ctrl_c_says_the_search_was_interrupted_and_how_to_go_on_and_that_works(
     assert "1 interrupted" in ended[0] and "stopped early" not in ended[0] and " left" not in ended[0], ended[0]
     assert f"interrupted: the search's state is saved in {exp}; go on with: msa-search tune --resume {exp}" in said
     assert "next: msa-search export" not in said
+    # The study still calls the trial running (Optuna's state until a driver ends it); status
+    # says that nothing runs it any more.
+    status = subprocess.run([sys.executable, "-m", "search.cli", "status", str(exp)], cwd=tmp_path, env=env(),
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "study: running 1\n" in status.stdout, status.stdout + status.stderr
+    assert (f"no search is running: its 1 running trial(s) were cut off (Ctrl-C or a stopped driver); go on with: "
+            f"msa-search tune --resume {exp}") in status.stdout, status.stdout
     # As it says: the resumed search completes, the cut-off trial included.
     resumed = subprocess.run([*tune, "--resume", str(exp)], cwd=tmp_path, env=env(), capture_output=True, text=True,
                              timeout=600)
