@@ -310,8 +310,10 @@ def watch_report(exp_dir: str | Path, out: str | Path | None = None, metric: str
         try:
             path, inputs = _render(exp_dir, out, metric, interval_s)
             n = len(inputs.scores)
+            # Trials are ranked at their latest epoch (as status and export rank them), so while a
+            # search runs the best can fall: say which epoch the figure is from.
             on_render(f"{clock} wrote {path} ({n} trial{'s' if n != 1 else ''}; best {inputs.best.trial_id} "
-                      f"{inputs.cfg.search.objective} {inputs.best.objective:.4f})")
+                      f"{inputs.cfg.search.objective} {inputs.best.objective:.4f} at its epoch {inputs.best.epoch})")
         except data.NoResultsYet as exc:
             on_render(f"{clock} waiting: {exc}")
         renders += 1
