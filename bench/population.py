@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0, help="model.dropout of every member")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--attention", default="auto", choices=["auto", "math", "sdpa"],
-                        help="the population's attention under vmap: auto = math on CPU, SDPA on a GPU")
+                        help="the population's attention under vmap: auto = math (SDPA loops over the members "
+                             "on CPU and fails in its backward on a GPU)")
     args = parser.parse_args()
     sizes = sorted({int(n) for n in args.members.split(",")})
     device = torch.device(args.device)

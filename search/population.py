@@ -24,9 +24,10 @@ replaced for the threads inside a population step (elsewhere they run as before)
   batch index and chunk as the trainer's), drawn for all members at once (vmap randomness
   "different"): a population run repeats bit for bit, but a member with dropout does not
   repeat a single model's masks.
-- `F.scaled_dot_product_attention` on CPU (`math_attention`): vmap has no batching rule for
-  its CPU kernel and falls back to a loop over the members; the math form (matmuls and
-  softmax) batches. On a GPU SDPA's own kernels run.
+- `F.scaled_dot_product_attention` (`math_attention`): on CPU vmap has no batching rule for
+  its kernel and falls back to a loop over the members; on a GPU its memory-efficient
+  kernel's backward fails under vmap ("LSE is not correctly aligned (strideH)", torch 2.11,
+  H200, 2026-11-29). The math form (matmuls and softmax) batches on both.
 A change to models/ would remove all three (GRL with `setup_context` and a tensor lambda;
 lambda and p as inputs of `forward`). Supported: LNLN (its forward is checked under vmap),
 fp32, features text input, one discriminator step, no gradient accumulation. A member whose
@@ -102,8 +103,9 @@ def check_members(cfgs: list[ExperimentConfig]) -> None:
 class Population:
     """N members (one `TrainState` each) stepped together; `step` trains all on one batch.
 
-    `math_attention`: attention as matmuls and softmax under vmap (None: on CPU, where SDPA's
-    kernel has no batching rule; a GPU keeps SDPA)."""
+    `math_attention`: attention as matmuls and softmax under vmap (None: yes, on every
+    device; False keeps SDPA, which loops over the members on CPU and fails in its backward
+    on a GPU)."""
 
     def __init__(self, cfgs: list[ExperimentConfig], train: SplitTensors, device: torch.device,
                  math_attention: bool | None = None):
@@ -126,7 +128,7 @@ class Population:
         canonical = {id(p): name for name, p in first.named_parameters()}
         self.names = {name: canonical[id(p)] for name, p in first.named_parameters(remove_duplicate=False)}
         self.member_params = [dict(m.model.named_parameters()) for m in self.members]
-        self.math_attention = device.type == "cpu" if math_attention is None else math_attention
+        self.math_attention = True if math_attention is None else math_attention
         self._local = threading.local()  # functional_call swaps a module's tensors: one module per thread
 
     def __len__(self) -> int:
