@@ -21,7 +21,8 @@ def make_console(*, stderr: bool = False, file: IO[str] | None = None, highlight
     """A Console without markup: paths and error texts (Ray's, gloo's) contain [brackets] that
     rich would otherwise parse as style tags and crash on."""
     console = Console(stderr=stderr, file=file, markup=False, highlight=highlight)
-    if console.is_terminal:
-        return console
-    width = None if os.environ.get("COLUMNS") else PIPED_WIDTH
-    return Console(stderr=stderr, file=file, markup=False, highlight=highlight, width=width, soft_wrap=True)
+    if not console.is_terminal:
+        console.soft_wrap = True
+        if not os.environ.get("COLUMNS"):
+            console.width = PIPED_WIDTH
+    return console
