@@ -7,8 +7,9 @@ per seed into one directory, as the papers train three seeds (LNLN: 1111-1113):
 
 Each run's config.yaml has train.seed set and train.seeds empty: `train --config` on it
 retrains that one run. `train --resume DIR` goes on with a group stopped part-way
-(resume_group): finished runs kept, unfinished ones resumed, seeds not started started. `msa-search report DIR --protocol paper` averages the seeds
-(search/protocol.py). The names come from search/layout.py.
+(resume_group): finished runs kept, unfinished ones resumed, seeds not started started.
+`msa-search report DIR --protocol paper` averages the seeds (search/protocol.py). The names
+come from search/layout.py.
 """
 from __future__ import annotations
 
