@@ -58,10 +58,13 @@ class TrainResultsCallback(UserCallback):
 
 
 class TuneResultsCallback(tune.Callback):
-    def __init__(self, exp_dir: Path, base: ExperimentConfig):
+    def __init__(self, exp_dir: Path, base: ExperimentConfig, earlier_trials: frozenset[str] = frozenset()):
+        """earlier_trials: the trials of the search's earlier rounds (search/rounds.py), which this
+        round's Tune does not know of; kept with the callback in Tune's state for a resume."""
         self.layout = Layout(exp_dir).with_config(base)  # results in output.storage when set
         self.base = base
         self.started = time.time()
+        self.earlier_trials = earlier_trials
 
     def setup(self, **info):
         self._settled = False  # each driver, the first after a crash included, settles once
@@ -75,8 +78,9 @@ class TuneResultsCallback(tune.Callback):
     def _forget_trials_not_in(self, trials) -> None:
         """Rows and parameters of trials that Tune does not know: reported by a trial it started
         after its last save of its state, before a crash. The resumed search starts that trial
-        anew under another id (search/strategy.py hands it the same Optuna trial)."""
-        known = {t.trial_id for t in trials}
+        anew under another id (search/strategy.py hands it the same Optuna trial). Earlier rounds'
+        trials are known: they ended before this round began."""
+        known = {t.trial_id for t in trials} | set(getattr(self, "earlier_trials", ()))
         store = ResultsStore(self.layout.results)
         store.remove_trials_except(known)
         # A trial that ended just before the crash, its compaction not yet done: done now (one

@@ -162,14 +162,18 @@ ADDRESS_OPTION = typer.Option(None, "--address", envvar="RAY_ADDRESS",
 def _resume_keeps_its_config(resume: Path | None, config: Path | None, overrides: list[str]) -> None:
     """A resumed run or search goes on with the config it started with (DIR/config.yaml), so a
     --config or --set given with --resume would be ignored: refused instead of dropped silently
-    (e.g. `--set search.num_samples=50`, meant to extend a search, would otherwise do nothing)."""
+    (e.g. `--set search.num_samples=50`, meant to extend a search, would otherwise do nothing:
+    `--add-trials` does that)."""
     from .config import ConfigError
 
     given = ([f"--config {config}"] if config is not None else []) + [f"--set {o}" for o in overrides]
     if resume is not None and given:
         raise ConfigError(f"--resume {resume} goes on with the config it started with ({resume / 'config.yaml'}); "
                           f"{' '.join(given)} would be ignored. To change it, start anew from that config: "
-                          f"--config {resume / 'config.yaml'} --set ... --set output.dir=NEW")
+                          f"--config {resume / 'config.yaml'} --set ... --set output.dir=NEW"
+                          + ("; or run more trials on the same study: msa-search tune --resume "
+                             f"{resume} --add-trials N" if any(o.startswith("search.num_samples") for o in overrides)
+                             else ""))
 
 
 @app.command("train")
@@ -259,7 +263,12 @@ def _train_one(cfg, resume: Path | None, address: str | None, init_from: Path | 
 def tune_cmd(
     config: Path | None = CONFIG_OPTION,
     set_: list[str] = SET_OPTION,
-    resume: Path = typer.Option(None, "--resume", help="Continue this interrupted experiment."),
+    resume: Path = typer.Option(None, "--resume", help="Continue this experiment: the trials an interrupted search "
+                                                       "left unfinished (and with --add-trials, more)."),
+    add_trials: int = typer.Option(None, "--add-trials", min=1,
+                                   help="With --resume: sample and run this many more trials on the experiment's "
+                                        "study (a finished search too), with its config; its sampler and ASHA see "
+                                        "every earlier trial."),
     address: str = ADDRESS_OPTION,
     verbose: bool = typer.Option(False, "--verbose",
                                  help="Show Ray's own trial tables and logs too (otherwise in EXP/logs/ray.log)."),
@@ -271,12 +280,14 @@ def tune_cmd(
     from .config import load_config
     from .tune import run_experiment
 
+    if add_trials is not None and resume is None:
+        raise MsaSearchError("--add-trials adds trials to an experiment: give it with --resume EXP")
     _resume_keeps_its_config(resume, config, set_)
     cfg = None if resume is not None else load_config(config or DEFAULT_CONFIG, set_)
     if cfg is not None:
         _refuse_unwritable_output(cfg)
     try:
-        outcome = run_experiment(cfg, resume_dir=resume, ray_address=address, verbose=verbose)
+        outcome = run_experiment(cfg, resume_dir=resume, ray_address=address, verbose=verbose, add_trials=add_trials)
     except Exception as exc:
         fault = None if _our_error(exc) else _disk_fault(exc, Path(resume or cfg.output.dir).resolve())
         if fault is None:

@@ -73,6 +73,7 @@ class SearchProgress:
     prior_s: float = 0.0  # time spent before a resume (set when Ray snapshots the experiment)
     ray_warnings: int = 0  # Ray's warnings and errors, sent to the log file (search/ray_output.py)
     log_path: str = ""
+    added: bool = False  # trials added to a search (search/rounds.py): counts and best are theirs
 
     @classmethod
     def of(cls, experiment: str, cfg: ExperimentConfig) -> "SearchProgress":
@@ -160,14 +161,16 @@ class SearchProgress:
         left = None if states.get("interrupted") else self.time_left_s(now)  # no pace to go on at
         timing = f"{_duration(self.elapsed_s(now))} elapsed" + (f", up to {_duration(left)} left"
                                                                  if left is not None else "")
-        return f"trials {len(self.trials)}/{self.num_samples}: {counts or 'none yet'} | {timing}"
+        added = "added " if self.added else ""
+        return f"{added}trials {len(self.trials)}/{self.num_samples}: {counts or 'none yet'} | {timing}"
 
     def best_line(self) -> str:
+        best = "best of the added trials" if self.added else "best"
         if self.best is None:
-            return f"best {self.objective}: none yet"
+            return f"{best} {self.objective}: none yet"
         b = self.best
         weakest = f", weakest pattern {b.weakest} f1_non0 {b.weakest_f1:.4f}" if b.weakest else ""
-        return f"best {self.objective} {b.objective:.4f} (trial {b.trial_id} epoch {b.epoch}{weakest})"
+        return f"{best} {self.objective} {b.objective:.4f} (trial {b.trial_id} epoch {b.epoch}{weakest})"
 
     def event_line(self, trial_id: str, what: str) -> str:
         return f"trial {trial_id} {what} | {self.best_line()} | {self.summary()}"
@@ -258,9 +261,9 @@ def showing(stream: IO[str] | None = None, warnings: Counter | None = None) -> I
 class ConsoleView(tune.Callback):
     """Feeds `SearchProgress` from Tune's events in the driver and shows it on the lent display."""
 
-    def __init__(self, experiment: str, cfg: ExperimentConfig, log_path: str = ""):
+    def __init__(self, experiment: str, cfg: ExperimentConfig, log_path: str = "", added: bool = False):
         self.progress = SearchProgress.of(experiment, cfg)
-        self.progress.log_path = log_path
+        self.progress.log_path, self.progress.added = log_path, added
         self._drawn = 0.0
 
     # Tune saves a callback's get_state() with each experiment snapshot and hands it back to

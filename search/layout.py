@@ -88,9 +88,16 @@ class Layout:
 
     TUNE_NAME = "tune"  # Ray Tune's experiment name: its state lives in ray/tune/
 
+    @staticmethod
+    def tune_name(round_index: int) -> str:  # trials added later (search/rounds.py): ray/tune-2/, ...
+        return Layout.TUNE_NAME if round_index == 0 else f"{Layout.TUNE_NAME}-{round_index + 1}"
+
+    def tune_state(self, round_index: int = 0) -> Path | str:  # what Tuner.restore reads
+        return self._stored("ray", self.tune_name(round_index))
+
     @property
-    def tune_state(self) -> Path | str:  # what Tuner.restore reads
-        return self._stored("ray", self.TUNE_NAME)
+    def rounds(self) -> Path:  # trials added to the search after it started (tune --add-trials)
+        return self.root / "rounds.json"
 
     @property
     def space(self) -> Path:  # the resolved search space

@@ -34,8 +34,11 @@ METRIC_NAMES = frozenset(SIMS_METRIC_NAMES)  # every DESIGN metric name (SIMS ad
 class LiveMetricsCallback(tune.Callback):
     """Publishes each reported epoch of every trial, and the experiment's state, as gauges."""
 
-    def __init__(self, experiment: str, cfg: ExperimentConfig):
+    def __init__(self, experiment: str, cfg: ExperimentConfig, earlier_best: float | None = None):
+        """earlier_best: the best objective of the search's earlier rounds (search/rounds.py),
+        where the best-so-far gauge of trials added to it starts."""
         self.experiment, self.model = experiment, cfg.model.name
+        self.earlier_best = earlier_best
         self.mode = cfg.search.mode
         searched = set(cfg.search.objective_patterns or ())
         self.roles = {p: ("searched" if p in searched else "held_out") for p in cfg.missing.eval_grid}
@@ -45,7 +48,7 @@ class LiveMetricsCallback(tune.Callback):
         self._lock = threading.Lock()
         self._live: dict[str, list[tuple[Any, float, dict[str, str]]]] = {}  # trial -> its gauge sets
         self._states: Counter = Counter()
-        self._best: float | None = None
+        self._best: float | None = getattr(self, "earlier_best", None)
         self._gauges: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -53,7 +56,7 @@ class LiveMetricsCallback(tune.Callback):
     # Ray pickles the run config's callbacks into the experiment state (Tuner.restore reads
     # them back): locks, threads and gauges are made again in the restored driver.
     def __getstate__(self) -> dict:
-        return {k: self.__dict__[k] for k in ("experiment", "model", "mode", "roles")}
+        return {k: self.__dict__.get(k) for k in ("experiment", "model", "mode", "roles", "earlier_best")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

@@ -2,7 +2,11 @@
 scheduler (ASHA, PBT or none) and the trial-epoch budget."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from models.space import Dist
@@ -21,16 +25,18 @@ def uses_study(cfg: ExperimentConfig) -> bool:
     return cfg.search.scheduler != "pbt"
 
 
-def searcher(cfg: ExperimentConfig, layout: Layout, storage=None):
+def searcher(cfg: ExperimentConfig, layout: Layout, storage=None, seed: int | None = None):
     """OptunaSearch over the experiment's study (`layout.optuna_storage`, or its `storage` made
-    already), at most `search.max_concurrent` trials at once."""
+    already), at most `search.max_concurrent` trials at once; its sampler seeded with `seed`
+    (default search.seed; trials added later draw with another, search/rounds.py)."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
     samplers = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
                 "random": optuna.samplers.RandomSampler,
                 "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}
-    sampler = samplers[cfg.search.sampler](seed=cfg.search.seed, **cfg.search.sampler_options())
+    sampler = samplers[cfg.search.sampler](seed=cfg.search.seed if seed is None else seed,
+                                        **cfg.search.sampler_options())
     storage = storage or study_storage(layout)
     if cfg.search.objectives:
         metric = [f"{OBJECTIVE}/{name}" for name in cfg.search.objectives]
@@ -94,18 +100,45 @@ class StudySearch(OptunaSearch):
         return trial
 
 
-def scheduler(cfg: ExperimentConfig, space: dict[str, Dist]):
-    """ASHA on the objective, PBT over the schedule parameters, or None."""
-    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+def scheduler(cfg: ExperimentConfig, space: dict[str, Dist], earlier: Sequence[tuple[str, int, float]] = ()):
+    """ASHA on the objective, PBT over the schedule parameters, or None. `earlier`: (trial id,
+    epoch count, objective) of every epoch of the search's earlier rounds, which ASHA's rungs
+    start with."""
+    from ray.tune.schedulers import PopulationBasedTraining
 
     if cfg.search.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+        return ContinuedASHA(time_attr="training_iteration", max_t=cfg.train.epochs,
                              grace_period=cfg.search.asha.grace_period,
-                             reduction_factor=cfg.search.asha.reduction_factor)
+                             reduction_factor=cfg.search.asha.reduction_factor, earlier=earlier)
     if cfg.search.scheduler == "pbt":
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=cfg.search.pbt_interval,
                                        hyperparam_mutations=pbt_mutations(space))
     return None
+
+
+class ContinuedASHA(ASHAScheduler):
+    """ASHA whose rungs already hold the values of an earlier round's trials, so that trials
+    added to a search (search/rounds.py) go on past a rung only if they beat the search's
+    trials there, as they would have in one long search, not merely each other.
+
+    The values enter where ASHA records a trial's own results (its bracket's `on_result`, one
+    bracket: ASHA's default) once Tune has set the metric's direction, at the first trial."""
+
+    def __init__(self, *args, earlier: Sequence[tuple[str, int, float]] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._earlier = list(earlier)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)  # checks that Tune set the metric and mode
+        bracket = self._brackets[0]
+        for trial_id, iteration, value in self._earlier:
+            bracket.on_result(_EarlierTrial(trial_id), iteration, self._metric_op * value)
+        self._earlier = []
+
+
+@dataclass(frozen=True)
+class _EarlierTrial:  # what a bracket reads of a trial: its id
+    trial_id: str
 
 
 def pbt_mutations(space: dict[str, Dist]) -> dict:

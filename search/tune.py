@@ -9,6 +9,7 @@ search/deferred_test.py then evaluates the test grid of the best trials that sto
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,11 +24,12 @@ from . import interrupt
 from .console_view import showing
 from .deferred_test import DeferredTests, evaluate_deferred_tests
 from .devices import place, visible_gpus
-from .driver_presence import driver_marked
+from .driver_presence import driver_marked, driver_state
 from .layout import Layout
 from .objective import OBJECTIVE
 from .ray_output import ray_output_to
 from .ray_setup import cluster_of, ensure_ray
+from .rounds import Round, add_round, check_can_add, search_rounds
 from .run import new_run_dir
 from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
@@ -52,20 +54,30 @@ class SearchOutcome:
 
 
 def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = None,
-                   ray_address: str | None = None, verbose: bool = False) -> SearchOutcome:
+                   ray_address: str | None = None, verbose: bool = False,
+                   add_trials: int | None = None) -> SearchOutcome:
     """Run (or resume) an experiment. Every error a config can cause is raised before Ray starts
     (on a cluster to join, the device decision's just after joining) and before anything is written.
 
     The console shows the live view (search/console_view.py) on stderr; Ray's and Optuna's own
-    output goes to EXP/logs/ray.log, and with `verbose` to the console as well."""
+    output goes to EXP/logs/ray.log, and with `verbose` to the console as well.
+
+    `add_trials` (with `resume_dir`): that many more trials on the experiment's study, once what
+    it left unfinished has run (search/rounds.py)."""
+    if add_trials is not None and resume_dir is None:
+        raise MsaSearchError("--add-trials adds trials to an experiment: give it with --resume EXP")
     if resume_dir is not None:
         layout, cfg = _experiment_to_resume(Path(resume_dir).resolve())
+        if add_trials is not None:
+            check_can_add(layout, cfg, add_trials)
     else:
         layout = _new_experiment(cfg)
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(layout.root)})})
     space = cfg.search_space()
     # Decided before anything is written: a refusal leaves no half-made experiment directory.
     placement = place(cfg, cluster_of(ray_address), visible_gpus(), tune=True)
+    if add_trials is not None:
+        add_round(layout, cfg, add_trials)
     if resume_dir is None:
         with new_run_dir(layout.root):  # data refused: no half-made experiment directory is left
             # config.yaml keeps train.device as written (a resume may run on another cluster).
@@ -86,51 +98,102 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
         # One read-only copy of the splits per node, in Ray's object store (search/shared_data.py).
         data = share_splits(store)
         interrupt.reset()
-        grid = _tuner(cfg, layout, space, _trainable(cfg, data), storage, resume=resume_dir is not None).fit()
-        outcome = _outcome(layout, cfg, grid)
+        results = _run_rounds(cfg, layout, space, _trainable(cfg, data), storage, resume=resume_dir is not None)
+        outcome = _outcome(layout, cfg, results)
         outcome.interrupted = interrupt.interrupted()
         if not outcome.interrupted:  # a search cut short goes on with `--resume`, its test grids then
-            outcome.deferred_tests = evaluate_deferred_tests(layout, cfg, grid, data, trial_resources(cfg))
+            outcome.deferred_tests = evaluate_deferred_tests(layout, cfg, results, data, trial_resources(cfg))
     return outcome
+
+
+def _run_rounds(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, storage: Future | None, *,
+                resume: bool) -> list:
+    """Every round of the search (search/rounds.py) in order: those finished are read, the newest
+    that Tune saved is restored and run to its end, and the rounds after it start. Returns
+    Tune's results of all of them; stops after a round that was interrupted."""
+    from ray import tune
+
+    rounds = search_rounds(layout, cfg)
+    saved = [r.index for r in rounds if resume and tune.Tuner.can_restore(str(layout.tune_state(r.index)))]
+    # No round saved (a driver killed before it made the first Tuner): round 0 starts over, on
+    # the same study. (Killed after, before Tune first saved its state, Tune itself starts over.)
+    newest = max(saved, default=None)
+    results: list = []
+    for round_ in rounds:
+        if newest is not None and round_.index < newest:  # finished before the newest began
+            results += list(_restored(layout, round_, trainable, space).get_results())
+            continue
+        if round_.index == newest:
+            tuner = _restored(layout, round_, trainable, space)
+        else:
+            tuner = _tuner(cfg, layout, space, trainable, storage, round_, earlier=results)
+        results += list(tuner.fit())
+        if interrupt.interrupted():
+            break
+    return results
+
+
+def _restored(layout: Layout, round_: Round, trainable, space: dict):
+    from ray import tune
+
+    # Ray keeps the run config, our callbacks included, in the experiment's state.
+    return tune.Tuner.restore(str(layout.tune_state(round_.index)), trainable=trainable, resume_unfinished=True,
+                              resume_errored=False, restart_errored=False, param_space=tune_domains(space))
+
+
+def _rung_history(results) -> list[tuple[str, int, float]]:
+    """(trial id, epoch count, objective) of every epoch earlier rounds' trials reported: the
+    rungs an added round's ASHA starts with."""
+    history = []
+    for result in results:
+        df = result.metrics_dataframe
+        if df is None or OBJECTIVE not in df or "trial_id" not in df:
+            continue
+        for trial_id, iteration, value in zip(df["trial_id"], df["training_iteration"], df[OBJECTIVE]):
+            if math.isfinite(value):
+                history.append((str(trial_id), int(iteration), float(value)))
+    return history
 
 
 def warn(line: str) -> None:
     print(line, file=sys.stderr, flush=True)  # before the view starts: plain stderr
 
 
-def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, storage: Future | None, *,
-           resume: bool):
+def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, storage: Future | None, round_: Round, *,
+           earlier: list):
+    """A new Tune experiment for one round of the search; `earlier`: Tune's results of the rounds
+    before it (their trials' rows stay, and ASHA's rungs start with their epochs)."""
     from ray import tune
 
     from .callbacks import TuneResultsCallback
     from .console_view import ConsoleView
     from .live_metrics import LiveMetricsCallback
 
-    # A driver killed before it made the Tuner (while Ray started, say) left nothing to restore:
-    # the search starts over, on the same study. (Killed after, before Tune first saved its
-    # state, Tune itself starts over from the restored Tuner.)
-    if resume and tune.Tuner.can_restore(str(layout.tune_state)):
-        # Ray keeps the run config, our callbacks included, in the experiment's state.
-        return tune.Tuner.restore(str(layout.tune_state), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False, param_space=tune_domains(space))
-    callbacks = [TuneResultsCallback(layout.root, cfg), ConsoleView(layout.root.name, cfg, str(layout.ray_log))]
+    history = _rung_history(earlier)
+    shown = cfg.model_copy(update={"search": cfg.search.model_copy(update={"num_samples": round_.trials})})
+    earlier_trials = frozenset(str(r.metrics["trial_id"]) for r in earlier if r.metrics and "trial_id" in r.metrics)
+    callbacks = [TuneResultsCallback(layout.root, cfg, earlier_trials),
+                 ConsoleView(layout.root.name, shown, str(layout.ray_log), added=round_.index > 0)]
     if cfg.output.live_metrics:
-        callbacks.append(LiveMetricsCallback(layout.root.name, cfg))
+        values = [value for _, _, value in history]
+        best = (max if cfg.search.mode == "max" else min)(values) if values and not cfg.search.objectives else None
+        callbacks.append(LiveMetricsCallback(layout.root.name, cfg, earlier_best=best))
     multi = bool(cfg.search.objectives)
     return tune.Tuner(
         trainable,
         param_space=tune_domains(space),
         tune_config=tune.TuneConfig(
             metric=None if multi else OBJECTIVE, mode=None if multi else cfg.search.mode,
-            search_alg=searcher(cfg, layout, storage.result()) if uses_study(cfg) else None,
-            scheduler=scheduler(cfg, space), num_samples=cfg.search.num_samples,
+            search_alg=searcher(cfg, layout, storage.result(), seed=round_.sampler_seed(cfg)) if uses_study(cfg)
+            else None,
+            scheduler=scheduler(cfg, space, earlier=history), num_samples=round_.trials,
             max_concurrent_trials=cfg.search.max_concurrent if cfg.search.scheduler == "pbt" else None,
             time_budget_s=cfg.search.time_budget_s,
             # A new trial runs in the process of one that ended (every trial asks for the same
             # resources): no process start and imports per trial (bench/search_overhead.py).
             reuse_actors=True),
         run_config=tune.RunConfig(
-            name=Layout.TUNE_NAME, storage_path=str(layout.ray),
+            name=round_.name, storage_path=str(layout.ray),
             callbacks=callbacks,
             stop=trial_epoch_budget(cfg.search.max_trial_epochs),
             failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
@@ -170,6 +233,9 @@ def _experiment_to_resume(exp_dir: Path) -> tuple[Layout, ExperimentConfig]:
         raise MsaSearchError(f"{exp_dir}: not an experiment to resume (no {layout.config.name})")
     cfg = load_config(layout.config)
     layout = layout.with_config(cfg)
+    if driver_state(layout) == "running":  # two drivers would restore, and run, the same trials
+        raise MsaSearchError(f"{exp_dir}: its search is running (a driver on this host marks {layout.driver}); "
+                             "wait for it to end, or stop it (Ctrl-C), then resume")
     _check_storage(layout, new=False)
     recorded = Path(cfg.output.dir)
     if recorded.is_absolute() and recorded != exp_dir:
@@ -177,11 +243,12 @@ def _experiment_to_resume(exp_dir: Path) -> tuple[Layout, ExperimentConfig]:
         # write part of the results there.
         raise MsaSearchError(f"{exp_dir}: this experiment was started in {recorded}; resume it there "
                              "(move the directory back)")
+    search_rounds(layout, cfg)  # a damaged rounds file is refused here too
     asked = asked_trials(layout)  # a locked or corrupt study is refused here, before Ray starts
     # No Tune state and no trial asked: the driver was killed before it made the Tuner, and the
     # search starts over (_tuner). Trials asked without Tune's state: it is not where it should be.
-    if not exists(layout.tune_state) and (asked or not layout.is_experiment):
-        raise MsaSearchError(f"{exp_dir}: not an experiment to resume (no Ray Tune state in {layout.tune_state})")
+    if not exists(layout.tune_state()) and (asked or not layout.is_experiment):
+        raise MsaSearchError(f"{exp_dir}: not an experiment to resume (no Ray Tune state in {layout.tune_state()})")
     return layout, cfg
 
 

@@ -62,7 +62,7 @@ def checkpoint_file(path: Path) -> Path:
         raise MsaSearchError(f"{path}: a seed group, one run per seed; name one of its runs "
                              f"({', '.join(str(path / r) for r in runs) or 'none started yet'})")
     if layout.is_experiment:
-        raise MsaSearchError(f"{path}: a search; name one of its trials' directories ({path}/ray/tune/*_<trial id>_*, "
+        raise MsaSearchError(f"{path}: a search; name one of its trials' directories ({path}/ray/tune*/*_<trial id>_*, "
                              f"its newest checkpoint) or retrain a trial's config (msa-search export)")
     raise MsaSearchError(f"{path}: a directory without a checkpoint (expected a run directory with "
                          f"checkpoints/last.pt or checkpoints/*/checkpoint_*/, a Tune trial directory with "

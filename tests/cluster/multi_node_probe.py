@@ -93,7 +93,7 @@ def trial_nodes(cluster: Cluster, exp: Path) -> dict[str, str]:
                          raise_on_missing_output=False)
     node_of_pid = {a.pid: a.node_id for a in actors}
     placed: dict[str, set] = {}
-    for result_file in Layout(exp).tune_state.glob("*/result.json"):
+    for result_file in Layout(exp).tune_state().glob("*/result.json"):
         for line in result_file.read_text().splitlines():
             result = json.loads(line)
             placed.setdefault(result["trial_id"], set()).add(node_of_pid.get(result["pid"], f"pid {result['pid']}?"))

@@ -55,6 +55,18 @@ def test_progress_tracks_states_best_and_weakest_searched_pattern(cfg):
     assert summary.startswith("trials 3/4: 1 completed, 1 stopped early, 1 errored") and "1m15s elapsed" in summary
 
 
+def test_a_view_of_added_trials_says_its_counts_and_best_are_theirs(cfg):
+    """`tune --resume EXP --add-trials N` (search/rounds.py): the view of that round counts its N
+    trials and its best, which can be below the search's; it says so."""
+    view = ConsoleView("exp", cfg, added=True)
+    p = view.progress
+    p.started_trial("a")
+    p.reported("a", result(0, 0.40))
+    assert p.summary(now=p.started + 5).startswith("added trials 1/4: 1 running")
+    assert p.best_line().startswith("best of the added trials robust_f1 0.4000 (trial a epoch 0")
+    assert pickle.loads(pickle.dumps(view)).progress.added, "a resumed round's view says so too"
+
+
 def test_time_left_counts_open_epochs_at_the_pace_so_far_capped_by_the_budget(cfg):
     p = SearchProgress.of("exp", cfg)
     p.started = 0.0

@@ -116,7 +116,7 @@ def test_driver_killed_four_times_resumes_to_a_complete_experiment_the_study_agr
 
     # 1. At its very start: the experiment has its config, Ray Tune has nothing yet.
     Driver(fresh, tmp_path).kill_at(when=layout.space.is_file)
-    assert not Path(layout.tune_state).exists()
+    assert not Path(layout.tune_state()).exists()
 
     # 2. While the first trials run: the second one has just started. Its Optuna trial is
     # asked, Tune has not saved its state since the first trial's last epoch.

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def experiment(tmp_path) -> Layout:
     """A finished-looking experiment: config, one trial's results, a study with one trial."""
     layout = Layout(tmp_path / "exp")
-    layout.tune_state.mkdir(parents=True)
+    layout.tune_state().mkdir(parents=True)
     cfg = load_config(ROOT / "configs" / "quick.yaml", [f"output.dir={layout.root}", "train.epochs=1"])
     layout.config.write_text(cfg.to_yaml())
     metrics = {"f1_non0": 0.6, "acc2_non0": 0.6, "acc2_has0": 0.6, "f1_has0": 0.6, "acc5": 0.3, "acc7": 0.2,

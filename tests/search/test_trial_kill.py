@@ -42,7 +42,7 @@ TRAINING_AGAIN_CPU_S = 0.3
 def tune_results(exp: Path) -> dict[str, list[dict]]:
     """Every trial's results as Tune logged them (its result.json), in order."""
     found = {}
-    for path in Path(Layout(exp).tune_state).glob("*/result.json"):
+    for path in Path(Layout(exp).tune_state()).glob("*/result.json"):
         complete = path.read_text().split("\n")[:-1]  # a line being written has no newline yet
         results = [json.loads(line) for line in complete if line.strip()]
         if results:

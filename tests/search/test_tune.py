@@ -15,6 +15,7 @@ from search.config import ConfigError, load_config
 from search.export import export_best, score_trials
 from search.layout import Layout
 from search.results import ResultsStore
+from search.rounds import add_round
 from search.run import train_in_process
 from search.shared_data import DATA_PRIVATE_MB
 from search.tune import run_experiment
@@ -223,3 +224,31 @@ def test_a_deferred_test_grid_is_evaluated_after_the_search_as_in_the_trial(tmp_
     assert len(both) == len(deferred) and len(end) > len(deferred)
     for m in metrics:
         assert both[m].equals(both[f"{m}_end"]), m
+
+
+def test_trials_added_to_a_finished_search_are_sampled_anew_on_its_study(tmp_path, local_ray):
+    """`tune --resume EXP --add-trials N`: more trials on the same study, as a round of their
+    own (search/rounds.py); a round recorded but not run (a driver stopped after recording it)
+    runs on a plain --resume, and a finished search then runs nothing more."""
+    exp = tmp_path / "more"
+    run_experiment(tiny(exp, "search.num_samples=2", "search.sampler=random", "search.scheduler=asha",
+                        "train.epochs=1"))
+    first = [dict(t.params) for t in load_study(exp).trials]
+    layout = Layout(exp)
+    add_round(layout, load_config(layout.config), 1)  # recorded, then the driver stopped
+    run_experiment(None, resume_dir=exp)
+    outcome = run_experiment(None, resume_dir=exp, add_trials=2)
+    assert sum(outcome.trials.values()) == 5 and not outcome.trials["errored"], outcome.trials
+    study = load_study(exp)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 5
+    params = [dict(t.params) for t in study.trials]
+    assert params[:2] == first
+    # Each round's sampler draws anew: search.seed again would have repeated the first round's values.
+    assert len({json.dumps(p, sort_keys=True) for p in params}) == 5, params
+    assert sorted(p.name for p in layout.ray.iterdir() if p.is_dir()) == ["tune", "tune-2", "tune-3"]
+    df = ResultsStore(layout.results).read(hparams=False)
+    assert df.trial_id.nunique() == 5 and not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
+    assert {s.trial_id for s in score_trials(layout, load_config(layout.config), df)} == set(df.trial_id)
+    # Nothing left to run: a plain resume asks no trial.
+    run_experiment(None, resume_dir=exp)
+    assert len(load_study(exp).trials) == 5

@@ -1,0 +1,76 @@
+"""A search in rounds: trials added to an experiment after it started (`tune --resume EXP
+--add-trials N`).
+
+Ray Tune cannot raise a finished experiment's `num_samples`, so each addition is a round of
+its own: a Tune experiment of N trials beside the first (EXP/ray/tune-2/, tune-3/, ...), on the
+same Optuna study, whose sampler sees every earlier trial, with the same config, trainable and
+results store. Round 0 is the search as it started (`search.num_samples` trials, EXP/ray/tune/).
+
+The added rounds are written to EXP/rounds.json before Ray starts, so a driver stopped at any
+point goes on with a plain `--resume`: the newest round Tune saved is restored and finished,
+and the rounds after it start. Budgets (`search.time_budget_s`, `search.max_trial_epochs`)
+hold for each round.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from data_pipeline.atomic import atomic_file, writing
+from data_pipeline.errors import MsaSearchError
+
+from .config import ExperimentConfig
+from .layout import Layout
+
+
+@dataclass(frozen=True)
+class Round:
+    index: int  # 0: the search as it started
+    trials: int
+
+    @property
+    def name(self) -> str:  # Ray Tune's experiment name (EXP/ray/NAME/)
+        return Layout.tune_name(self.index)
+
+    def sampler_seed(self, cfg: ExperimentConfig) -> int:
+        """search.seed for round 0; each added round draws anew (the same seed would start a
+        random sampler, or a model-based one's random start-up trials, on the same values)."""
+        return cfg.search.seed + self.index
+
+
+def search_rounds(layout: Layout, cfg: ExperimentConfig) -> list[Round]:
+    """Round 0 (search.num_samples trials), then each round `--add-trials` recorded."""
+    return [Round(0, cfg.search.num_samples)] + [Round(i, n) for i, n in enumerate(_added(layout), start=1)]
+
+
+def check_can_add(layout: Layout, cfg: ExperimentConfig, trials: int) -> None:
+    """Refuse `--add-trials` where trials cannot be added (before Ray starts)."""
+    if trials < 1:
+        raise MsaSearchError(f"--add-trials: expected a number of trials >= 1, found {trials}")
+    if cfg.search.scheduler == "pbt":
+        raise MsaSearchError(f"--add-trials: {layout.root} is a PBT search (search.scheduler: pbt), whose "
+                             "population is fixed when it starts and has no study to sample more trials from; "
+                             "start a new search with a larger search.num_samples instead")
+
+
+def add_round(layout: Layout, cfg: ExperimentConfig, trials: int) -> Round:
+    """Record a round of `trials` more trials (before Ray starts: a driver stopped after this
+    runs them on `--resume`)."""
+    check_can_add(layout, cfg, trials)
+    added = [*_added(layout), trials]
+    with writing(layout.rounds), atomic_file(layout.rounds, force=True) as tmp:
+        tmp.write_text(json.dumps({"added_trials": added}, indent=2) + "\n")
+    return Round(len(added), trials)
+
+
+def _added(layout: Layout) -> list[int]:
+    if not layout.rounds.is_file():
+        return []
+    try:
+        added = json.loads(layout.rounds.read_text())["added_trials"]
+        if not all(isinstance(n, int) and n >= 1 for n in added):
+            raise ValueError("expected a list of trial counts >= 1")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MsaSearchError(f"{layout.rounds}: cannot be read ({exc}); it lists the trials added to the search, "
+                             "as {\"added_trials\": [N, ...]}") from None
+    return added
