@@ -354,11 +354,16 @@ def _print_status(exp: Path, cut_off_line: bool = True) -> None:
     from .export import load_experiment, pattern_table, score_trials, stored_pattern_metrics, trial_states
     from .objective import held_out_patterns
     from .report_data import text_missing_note
+    from .rounds import search_rounds
 
     layout, cfg, df = load_experiment(exp, hparams=False)  # configs come from the params files
     if layout.is_experiment:
         states = trial_states(layout)
         console.print("study: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no trials yet"))
+        first, *added = search_rounds(layout, cfg)
+        if added:
+            console.print(f"trials asked for: {first.trials} (search.num_samples), then "
+                          f"{' + '.join(str(r.trials) for r in added)} added (tune --add-trials)")
         if cut_off_line and states.get("running") and driver_state(layout) == "stopped":
             console.print(f"no search is running: its {states['running']} running trial(s) were cut off (Ctrl-C or a "
                           f"stopped driver); go on with: msa-search tune --resume {layout.root}", soft_wrap=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -108,12 +109,15 @@ def read_checkpoint(path: str | Path) -> StateDict:
 
 def _zero3_weights(model_states: Path) -> StateDict:
     """Under ZeRO-3 the model states hold only partitions: DeepSpeed's own reader gathers the
-    fp32 weights from every rank's files in the checkpoint (state/ under its parent)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    fp32 weights from every rank's files in the checkpoint (state/ under its parent). What it
+    prints of its work (and its logger's lines, when this first imports it) goes to stderr:
+    `evaluate`'s stdout carries its results."""
     tag = model_states.parent
     try:
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name))
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name))
     except Exception as exc:  # DeepSpeed raises ValueError, FileNotFoundError, ...
         raise MsaSearchError(f"{tag.parent}: a ZeRO-3 checkpoint DeepSpeed could not read "
                              f"({type(exc).__name__}: {exc})") from None

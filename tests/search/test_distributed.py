@@ -115,7 +115,7 @@ def test_ddp_runs_and_one_or_two_workers_see_identical_evaluation_masks(tmp_path
     assert fingerprints[0] == fingerprints[1] == fingerprints[2]
 
 
-def test_two_worker_zero3_run_survives_a_one_row_tail_batch(tmp_path):
+def test_two_worker_zero3_run_survives_a_one_row_tail_batch(tmp_path, capsys):
     # 128 training rows, 64 per rank, batches of 63: every rank ends its epoch on one row.
     # ZeRO-3 gathers weights per submodule call, so a forward whose calls depended on the
     # batch (length buckets) once put the ranks' collectives out of step there.
@@ -126,8 +126,12 @@ def test_two_worker_zero3_run_survives_a_one_row_tail_batch(tmp_path):
     # `evaluate --checkpoint RUN` and `--init-from RUN`: each rank holds a partition; DeepSpeed's
     # reader gathers them, and the fusion token (tied: one tensor, two names) comes back under both.
     spec = read_spec(next(Layout(run).data.glob("*/schema.json")).parent)
+    capsys.readouterr()
     weights = init_weights(read_checkpoint(run), run, cfg, spec)
     assert weights["fusion.transformer.source_token"] is weights["fusion.transformer.target_token"]
+    # DeepSpeed's reader prints what it reads: on stderr, so that evaluate's stdout stays its results.
+    out, err = capsys.readouterr()
+    assert "Processing zero checkpoint" not in out and "Processing zero checkpoint" in err
 
 
 def test_fp16_on_cpu_is_refused_before_ray_starts(tmp_path):

@@ -11,6 +11,7 @@ import ray
 import torch
 
 from data_pipeline.loader import load_splits
+from search.cli import _print_status
 from search.config import ConfigError, load_config
 from search.export import export_best, score_trials
 from search.layout import Layout
@@ -226,17 +227,16 @@ def test_a_deferred_test_grid_is_evaluated_after_the_search_as_in_the_trial(tmp_
         assert both[m].equals(both[f"{m}_end"]), m
 
 
-def test_trials_added_to_a_finished_search_are_sampled_anew_on_its_study(tmp_path, local_ray):
+def test_trials_added_to_a_finished_search_are_sampled_anew_on_its_study(tmp_path, local_ray, capsys):
     """`tune --resume EXP --add-trials N`: more trials on the same study, as a round of their
     own (search/rounds.py); a round recorded but not run (a driver stopped after recording it)
-    runs on a plain --resume, and a finished search then runs nothing more."""
+    runs on the next resume, before those it adds; a finished search then runs nothing more."""
     exp = tmp_path / "more"
     run_experiment(tiny(exp, "search.num_samples=2", "search.sampler=random", "search.scheduler=asha",
                         "train.epochs=1"))
     first = [dict(t.params) for t in load_study(exp).trials]
     layout = Layout(exp)
-    add_round(layout, load_config(layout.config), 1)  # recorded, then the driver stopped
-    run_experiment(None, resume_dir=exp)
+    add_round(layout, load_config(layout.config), 1)  # recorded, then the driver stopped: runs first
     outcome = run_experiment(None, resume_dir=exp, add_trials=2)
     assert sum(outcome.trials.values()) == 5 and not outcome.trials["errored"], outcome.trials
     study = load_study(exp)
@@ -252,3 +252,7 @@ def test_trials_added_to_a_finished_search_are_sampled_anew_on_its_study(tmp_pat
     # Nothing left to run: a plain resume asks no trial.
     run_experiment(None, resume_dir=exp)
     assert len(load_study(exp).trials) == 5
+    capsys.readouterr()
+    _print_status(exp)
+    out = capsys.readouterr().out
+    assert "study: complete 5" in out and "trials asked for: 2 (search.num_samples), then 1 + 2 added" in out, out
