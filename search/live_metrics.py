@@ -34,11 +34,13 @@ METRIC_NAMES = frozenset(SIMS_METRIC_NAMES)  # every DESIGN metric name (SIMS ad
 class LiveMetricsCallback(tune.Callback):
     """Publishes each reported epoch of every trial, and the experiment's state, as gauges."""
 
-    def __init__(self, experiment: str, cfg: ExperimentConfig, earlier_best: float | None = None):
-        """earlier_best: the best objective of the search's earlier rounds (search/rounds.py),
-        where the best-so-far gauge of trials added to it starts."""
+    def __init__(self, experiment: str, cfg: ExperimentConfig, earlier_best: float | None = None,
+                 earlier_states: dict[str, int] | None = None):
+        """earlier_best, earlier_states: the best objective and the trials by state of the
+        search's earlier rounds (search/rounds.py), which this round's Tune does not know: the
+        experiment's gauges count them too."""
         self.experiment, self.model = experiment, cfg.model.name
-        self.earlier_best = earlier_best
+        self.earlier_best, self.earlier_states = earlier_best, dict(earlier_states or {})
         self.mode = cfg.search.mode
         searched = set(cfg.search.objective_patterns or ())
         self.roles = {p: ("searched" if p in searched else "held_out") for p in cfg.missing.eval_grid}
@@ -56,7 +58,8 @@ class LiveMetricsCallback(tune.Callback):
     # Ray pickles the run config's callbacks into the experiment state (Tuner.restore reads
     # them back): locks, threads and gauges are made again in the restored driver.
     def __getstate__(self) -> dict:
-        return {k: self.__dict__.get(k) for k in ("experiment", "model", "mode", "roles", "earlier_best")}
+        return {k: self.__dict__.get(k) for k in ("experiment", "model", "mode", "roles", "earlier_best",
+                                                  "earlier_states")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -139,7 +142,7 @@ class LiveMetricsCallback(tune.Callback):
         g, exp = self._gauges, {"experiment": self.experiment, "model": self.model}
         with self._lock:
             sets = [s for trial_sets in self._live.values() for s in trial_sets]
-            states, best = dict(self._states), self._best
+            states, best = self.trial_counts(), self._best
         for gauge, value, tags in sets:
             gauge.set(value, tags=tags)
         for state in TRIAL_STATES:
@@ -148,6 +151,10 @@ class LiveMetricsCallback(tune.Callback):
             g["msa_best_objective"].set(best, tags=exp)
         for pattern, role in self.roles.items():
             g["msa_objective_pattern"].set(1.0, tags={**exp, "pattern": pattern, "role": role})
+
+    def trial_counts(self) -> dict[str, int]:
+        """The experiment's trials by state: this round's, as Tune has them, and earlier rounds'."""
+        return dict(self._states + Counter(getattr(self, "earlier_states", None) or {}))
 
 
 def _gauges() -> dict[str, Any]:

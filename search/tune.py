@@ -177,7 +177,8 @@ def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, storag
     if cfg.output.live_metrics:
         values = [value for _, _, value in history]
         best = (max if cfg.search.mode == "max" else min)(values) if values and not cfg.search.objectives else None
-        callbacks.append(LiveMetricsCallback(layout.root.name, cfg, earlier_best=best))
+        states = Counter("error" if r.error is not None else "terminated" for r in earlier)
+        callbacks.append(LiveMetricsCallback(layout.root.name, cfg, earlier_best=best, earlier_states=states))
     multi = bool(cfg.search.objectives)
     return tune.Tuner(
         trainable,

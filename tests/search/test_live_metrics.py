@@ -172,3 +172,21 @@ def test_the_best_so_far_survives_a_resume(tmp_path):
     resumed = LiveMetricsCallback("exp", cfg)
     CallbackList([resumed]).restore_from_dir(str(tmp_path))
     assert resumed._best == 0.73
+
+
+def test_trials_added_to_a_search_are_counted_with_the_earlier_rounds():
+    """`tune --resume EXP --add-trials N` runs a Tune experiment of its own (search/rounds.py),
+    whose Tune knows only its N trials: the experiment's gauges start from the earlier rounds'
+    best and trial counts, also in a callback Ray pickled with the Tuner (a resumed round)."""
+    import pickle
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from search.live_metrics import LiveMetricsCallback
+
+    cfg = load_config(ROOT / "configs" / "quick.yaml", TINY)
+    callback = pickle.loads(pickle.dumps(LiveMetricsCallback("exp", cfg, earlier_best=0.81,
+                                                             earlier_states={"terminated": 6, "error": 1})))
+    assert callback._best == 0.81
+    callback.on_step_end(0, [SimpleNamespace(status="RUNNING"), SimpleNamespace(status="TERMINATED")])
+    assert callback.trial_counts() == Counter({"terminated": 7, "error": 1, "running": 1})
