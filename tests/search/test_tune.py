@@ -200,7 +200,7 @@ def test_a_deferred_test_grid_is_evaluated_after_the_search_as_in_the_trial(tmp_
     after it, the best search.test_top trials that ASHA stopped get theirs from their latest
     checkpoints: the same numbers as a search that evaluates it where a trial may stop (end)."""
     common = ["search.scheduler=asha", "search.sampler=random", "search.num_samples=6", "search.max_concurrent=1",
-              "train.epochs=4", "search.seed=5"]
+              "train.epochs=3", "search.seed=5"]
     run_experiment(tiny(tmp_path / "end", *common, "train.eval_test=end"))
     outcome = run_experiment(tiny(tmp_path / "deferred", *common, "train.eval_test=deferred", "search.test_top=4"))
     end = ResultsStore(tmp_path / "end" / "results").read(hparams=False)
@@ -209,14 +209,14 @@ def test_a_deferred_test_grid_is_evaluated_after_the_search_as_in_the_trial(tmp_
         df["order"] = [Layout(tmp_path / exp).trial_params(str(t)).read_text() for t in df.trial_id]
     key, metrics = ["order", "epoch", "split", "pattern"], ["f1_non0", "acc2_non0", "mae", "corr"]
     last = deferred[deferred.split == "valid"].groupby("order").epoch.max()
-    stopped = last[last < 3]
+    stopped = last[last < 2]
     assert outcome.trials["stopped early"] == len(stopped) >= 2, "ASHA stopped trials before their last epoch"
     layout = Layout(tmp_path / "deferred")
     ranked = [layout.trial_params(s.trial_id).read_text()
               for s in score_trials(layout, load_config(layout.config), deferred)]
     tested = deferred[deferred.split == "test"].groupby("order").epoch.agg(set).to_dict()
     for order, epoch in last.items():
-        expected = {epoch} if epoch == 3 or order in ranked[:4] else set()
+        expected = {epoch} if epoch == 2 or order in ranked[:4] else set()
         assert tested.get(order, set()) == expected, f"trial {order} (last epoch {epoch}) test epochs"
     assert sorted(layout.trial_params(t).read_text() for t in outcome.deferred_tests.evaluated) == \
         sorted(o for o in stopped.index if o in ranked[:4]) and not outcome.deferred_tests.skipped
