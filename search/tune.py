@@ -4,7 +4,8 @@ Prepares the experiment directory (search/layout.py) and the data, then runs the
 search/trials.py under the searcher, scheduler and budget of search/strategy.py, while
 search/callbacks.py stores every reported epoch; under `train.eval_test: deferred`,
 search/deferred_test.py then evaluates the test grid of the best trials that stopped early.
-`--resume` continues an interrupted experiment with `Tuner.restore` and the same Optuna study.
+`--resume` continues an interrupted experiment with `Tuner.restore` and the same Optuna study;
+`--add-trials` adds a round of trials to it, a Tune experiment of its own (search/rounds.py).
 """
 from __future__ import annotations
 
