@@ -10,11 +10,12 @@ from pathlib import Path
 import yaml
 
 from search.results import ResultsStore
+from small_grid import EVAL_GRID, EVAL_GRID_SETTING
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--set", "data.scale=0.1", "--set", "train.epochs=2", "--set", "model.hidden_dim=32",
          "--set", "model.dim_head=16", "--set", "model.num_heads=4", "--set", "model.lnln.tokens=4",
-         "--set", "train.workers=0"]
+         "--set", "train.workers=0", "--set", EVAL_GRID_SETTING]
 
 
 def cli(*args, cwd):
@@ -30,7 +31,7 @@ def test_train_writes_config_results_and_checkpoint(tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 2 and saved["model"]["hidden_dim"] == 32
     df = ResultsStore(run / "results").read()
-    assert len(df) == 2 * 2 * 16
+    assert len(df) == 2 * 2 * len(EVAL_GRID)
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
     assert set(df.split) == {"valid", "test"} and df.f1_non0.notna().all()
     assert (run / "checkpoints" / "last.pt").is_file()
@@ -38,7 +39,7 @@ def test_train_writes_config_results_and_checkpoint(tmp_path):
 
     again = cli("train", "--config", str(config), *SMALL, "--set", "output.dir=run1", cwd=tmp_path)
     assert again.returncode == 1 and "not empty" in again.stderr
-    assert len(ResultsStore(run / "results").read()) == 2 * 2 * 16, "an existing run is never touched"
+    assert len(ResultsStore(run / "results").read()) == 2 * 2 * len(EVAL_GRID), "an existing run is never touched"
 
 
 def test_an_interrupted_run_resumes_to_the_run_that_never_stopped(tmp_path):
@@ -71,7 +72,7 @@ def test_an_interrupted_run_resumes_to_the_run_that_never_stopped(tmp_path):
     a, b = (ResultsStore(tmp_path / run / "results").read(hparams=False).sort_values(key).reset_index(drop=True)
             for run in ("whole", "cut"))
     metrics = [c for c in a.columns if c not in ("experiment", "trial_id", "wall_time_s")]
-    assert len(a) == 2 * 2 * 16 and a[metrics].equals(b[metrics])
+    assert len(a) == 2 * 2 * len(EVAL_GRID) and a[metrics].equals(b[metrics])
     # The resumed epoch's clock goes on from the first's: the run's time never runs backwards.
     first, second = (b.wall_time_s[b.epoch == e] for e in (0, 1))
     assert second.min() > first.max(), (first.max(), second.min())

@@ -24,6 +24,7 @@ from search.trainer import build_state, unwrap
 from search.shared_data import DATA_PRIVATE_MB
 from search.weights import init_weights, read_checkpoint
 from search.worker import CLIENT_STATE_FILE
+from small_grid import EVAL_GRID
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +32,7 @@ TINY = {
     "data": {"preset": "mosi-aligned", "scale": 0.1},
     "model": {"hidden_dim": 32, "num_heads": 4, "dim_head": 16, "mlp_dim": 32, "lnln": {"tokens": 4}},
     "train": {"epochs": 2, "batch_size": 32, "lr": 1e-3, "device": "cpu", "cpus_per_worker": 1},
+    "missing": {"eval_grid": EVAL_GRID},
 }
 
 
@@ -56,7 +58,7 @@ def epoch_log(run: Path) -> list[dict]:
 
 def assert_complete_results(run: Path, epochs: int) -> None:
     df = ResultsStore(run / "results").read()
-    assert len(df) == epochs * 2 * 16
+    assert len(df) == epochs * 2 * len(EVAL_GRID)
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
     assert sorted(df.epoch.unique()) == list(range(epochs))
     assert df.f1_non0.notna().all()

@@ -14,6 +14,7 @@ import pytest
 
 from search.layout import Layout
 from search.results import ResultsStore
+from small_grid import EVAL_GRID, EVAL_GRID_SETTING
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--config", str(ROOT / "configs" / "lnln_quick.yaml"),
         "--set", "data.scale=0.1", "--set", "train.epochs=3", "--set", "train.workers=2",
         "--set", "train.engine=ddp", "--set", "train.device=cpu", "--set", "model.hidden_dim=32",
-        "--set", "model.dim_head=16", "--set", "model.num_heads=4", "--set", "model.lnln.tokens=4"]
+        "--set", "model.dim_head=16", "--set", "model.num_heads=4", "--set", "model.lnln.tokens=4",
+        "--set", EVAL_GRID_SETTING]
 
 
 def cli(*args, cwd, **kw):
@@ -83,7 +85,7 @@ def test_killed_worker_run_resumes_without_duplicate_or_missing_rows(tmp_path):
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     df = ResultsStore(run / "results").read()
-    assert len(df) == 3 * 2 * 16
+    assert len(df) == 3 * 2 * len(EVAL_GRID)
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
     log = epochs_logged(run)
     assert {e["epoch"] for e in log} == {0, 1, 2}

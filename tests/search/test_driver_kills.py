@@ -23,13 +23,14 @@ from search.config import load_config
 from search.layout import Layout
 from search.ray_setup import LOCAL_RAY_SYSTEM_CONFIG
 from search.results import ResultsStore
+from small_grid import EVAL_GRID_SETTING
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_SAMPLES, EPOCHS = 3, 2
 SETTINGS = ["data.scale=0.1", f"train.epochs={EPOCHS}", "train.batch_size=32", "model.hidden_dim=32",
             "model.dim_head=16", "model.num_heads=4", "model.lnln.tokens=4", "train.device=cpu",
             "search.scheduler=none", "train.threads=1", f"search.num_samples={NUM_SAMPLES}",
-            "search.max_concurrent=1", "train.checkpoint_every=2"]
+            "search.max_concurrent=1", "train.checkpoint_every=2", EVAL_GRID_SETTING]
 EVENT = re.compile(r"^trial (\w+) (started|epoch \d+ \(\d+/\d+\)|completed|stopped early|errored)")
 
 

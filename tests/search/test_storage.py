@@ -14,12 +14,13 @@ import ray
 from search.config import ConfigError, load_config
 from search.layout import Layout
 from search.results import ResultsStore
+from small_grid import EVAL_GRID, EVAL_GRID_SETTING
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "configs" / "lnln_quick.yaml"
-TINY = ["data.scale=0.1", "train.epochs=2", "train.batch_size=32", "model.hidden_dim=32", "model.dim_head=16",
+TINY = [EVAL_GRID_SETTING, "data.scale=0.1", "train.epochs=2", "train.batch_size=32", "model.hidden_dim=32", "model.dim_head=16",
         "model.num_heads=4", "model.lnln.tokens=4", "train.device=cpu", "search.max_concurrent=2",
         "search.scheduler=none", "train.threads=1", "search.num_samples=2", "output.live_metrics=false"]
 
@@ -139,7 +140,7 @@ def test_an_in_process_run_keeps_its_results_in_the_storage_and_its_checkpoint_h
     code, out, err = msa_cli("train", "--config", str(QUICK),
                              *sets(*TINY[:-4], "train.workers=0", f"output.dir={run}", f"output.storage={shared}"))
     assert code == 0, err
-    assert len(ResultsStore(shared / "run" / "results").read()) == 2 * 2 * 16 and not (run / "results").exists()
+    assert len(ResultsStore(shared / "run" / "results").read()) == 2 * 2 * len(EVAL_GRID) and not (run / "results").exists()
     assert (run / "checkpoints" / "last.pt").is_file(), "an in-process run keeps its checkpoint here (its --resume reads it)"
     code, out, err = msa_cli("report", str(run), "--protocol", "paper", "--out", str(tmp_path / "table.md"))
     assert code == 0, err

@@ -20,6 +20,7 @@ from search.config import load_config
 from search.layout import Layout
 from search.results import ResultsStore
 from search.tune import run_experiment
+from small_grid import EVAL_GRID_SETTING
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +30,7 @@ SETTINGS = ["data.scale=0.1", f"train.epochs={EPOCHS}", "train.batch_size=32", "
             "model.dim_head=16", "model.num_heads=4", "model.lnln.tokens=4", "train.device=cpu",
             "train.threads=1", "train.checkpoint_every=1", "train.eval_test=every", "search.scheduler=none",
             "search.max_concurrent=1",
-            f"search.num_samples={SAMPLES}", "search.max_failures=1"]
+            f"search.num_samples={SAMPLES}", "search.max_failures=1", EVAL_GRID_SETTING]
 TRAINABLE = "ImplicitFunc"  # the Ray actor class Tune runs a function trainable (our trial) in
 # CPU seconds the trial's process must spend after its first epoch was stored before it is
 # killed. Between Tune storing a result and Tune taking that result's checkpoint (a `save`

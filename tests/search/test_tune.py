@@ -21,13 +21,14 @@ from search.run import train_in_process
 from search.shared_data import DATA_PRIVATE_MB
 from search.tune import run_experiment
 from search.weights import checkpoint_name, read_checkpoint
+from small_grid import EVAL_GRID, EVAL_GRID_SETTING
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["data.scale=0.1", "train.epochs=2", "train.batch_size=32", "model.hidden_dim=32", "model.dim_head=16",
         "model.num_heads=4", "model.lnln.tokens=4", "train.device=cpu", "search.max_concurrent=2",
-        "search.scheduler=none", "train.threads=1"]
+        "search.scheduler=none", "train.threads=1", EVAL_GRID_SETTING]
 
 
 def tiny(exp: Path, *extra: str):
@@ -61,7 +62,7 @@ def test_six_trials_write_study_results_and_only_the_nan_trial_fails(experiment)
     df = ResultsStore(experiment / "results").read()
     assert df.trial_id.nunique() == 5, "the failed trial reported nothing"
     assert all(epochs == [0, 1] for epochs in per_trial_epochs(df))
-    assert len(df) == 5 * 2 * 2 * 16
+    assert len(df) == 5 * 2 * 2 * len(EVAL_GRID)
     assert not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
     # Each trial that ended was compacted into one file: no part is left.
     files = sorted(p.name for p in (experiment / "results").iterdir())
@@ -94,7 +95,7 @@ def test_export_then_train_reproduces_the_exported_metrics(experiment, tmp_path)
     retrained = retrained[retrained.epoch == cfg.train.epochs - 1]
     key = ["split", "pattern"]
     a, b = original.sort_values(key).reset_index(), retrained.sort_values(key).reset_index()
-    assert list(a.pattern) == list(b.pattern) and len(a) == 32
+    assert list(a.pattern) == list(b.pattern) and len(a) == 2 * len(EVAL_GRID)
     for metric in ("f1_non0", "acc2_has0", "acc7", "mae", "corr"):
         assert (a[metric] - b[metric]).abs().max() <= 1e-6, metric
     # The trial's own weights, as `evaluate --checkpoint TRIAL_DIR` reads them (its newest
@@ -185,7 +186,7 @@ def test_trials_can_nest_ray_train_workers(tmp_path, local_ray):
     run_experiment(tiny(exp, "search.num_samples=2", "train.workers=1", "train.engine=ddp", "train.epochs=1",
                         "search.cpus_per_trial=1"))
     df = ResultsStore(exp / "results").read()
-    assert df.trial_id.nunique() == 2 and len(df) == 2 * 1 * 2 * 16
+    assert df.trial_id.nunique() == 2 and len(df) == 2 * 1 * 2 * len(EVAL_GRID)
     study = load_study(exp)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     # What Optuna was told is the robust_f1 of the rows the workers reported.
