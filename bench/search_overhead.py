@@ -5,7 +5,8 @@
 
 Runs the search of `--config` (default `make run`'s) once per variant (a train.eval_test
 value; `+fresh`: each trial in a new process, Tune's reuse_actors off; `+cold`: Ray's workers
-without search/ray_setup.py's import hook) per round, the
+without search/ray_setup.py's import hook; `+prestart`: Ray's default worker prestart on, which
+search/ray_setup.py turns off) per round, the
 variants interleaved, each on a Ray cluster started before its timing
 (`ray_start_s` is that start alone). From Tune's per-trial result.json files and the results
 store, per run:
@@ -87,11 +88,26 @@ def cold_workers():
         ray_setup.WARM_WORKERS.update(original)
 
 
-def measure(cfg, exp: Path, fresh: bool, cold: bool) -> dict[str, float]:
+@contextmanager
+def prestarted_workers():
+    """Ray's default: the raylet starts one idle worker per CPU, as before search/ray_setup.py
+    turned that off."""
+    from search import ray_setup
+
+    original = dict(ray_setup.LOCAL_RAY_SYSTEM_CONFIG)
+    for key in ray_setup.NO_PRESTART:
+        ray_setup.LOCAL_RAY_SYSTEM_CONFIG.pop(key)
+    try:
+        yield
+    finally:
+        ray_setup.LOCAL_RAY_SYSTEM_CONFIG.update(original)
+
+
+def measure(cfg, exp: Path, fresh: bool, cold: bool, prestart: bool = False) -> dict[str, float]:
     import ray
 
     started = time.perf_counter()
-    with cold_workers() if cold else nullcontext():
+    with cold_workers() if cold else nullcontext(), prestarted_workers() if prestart else nullcontext():
         ensure_ray(None)
     ray_start = time.perf_counter() - started
     cpus = ray.cluster_resources().get("CPU", 1)
@@ -133,7 +149,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default="every,improved,improved+fresh",
                         help="train.eval_test values, comma-separated; +fresh: reuse_actors off; "
-                             "+cold: workers without the import hook")
+                             "+cold: workers without the import hook; +prestart: Ray's worker prestart on")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="msa-search-overhead-"))
@@ -144,7 +160,8 @@ def main() -> None:
                 exp = tmp / f"{variant}-{round_}"
                 eval_test, *flags = variant.split("+")
                 cfg = load_config(args.config, [*args.overrides, f"train.eval_test={eval_test}", f"output.dir={exp}"])
-                figures = measure(cfg, exp, fresh="fresh" in flags, cold="cold" in flags)
+                figures = measure(cfg, exp, fresh="fresh" in flags, cold="cold" in flags,
+                                  prestart="prestart" in flags)
                 runs.setdefault(variant, []).append(figures)
                 print(f"round={round_} variant={variant} "
                       + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()),

@@ -19,7 +19,14 @@ from .shared_data import SharedSplits
 # epochs than the same loop outside Ray on a 2-core machine. Training is the only work
 # these workers do, so they run at normal priority. (`ray start` takes the same setting
 # from the environment: RAY_worker_niceness=0.)
-LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+#
+# No prestarted workers: the raylet would start one idle worker per CPU as it starts (~0.7 s of
+# CPU each, inside ray.init), yet no trial runs in them: Tune gives each trial actor a runtime
+# environment of its own (see WARM_WORKERS below), and Ray starts a worker for that when the
+# actor is made.
+# bench/search_overhead.py's +prestart variant measures the difference.
+NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, **NO_PRESTART}
 
 # Each worker process of a private local cluster imports the training code as it starts
 # (bench/search_overhead.py: head_s, and its +cold variant). Traced on Ray 2.60: Tune gives each
