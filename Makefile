@@ -36,11 +36,12 @@ run: install
 
 # Two pytest-xdist workers, each running whole modules (a module's Ray cluster and fixtures stay
 # in one process), the modules with most tests first (xdist's default; handing out the slowest
-# first measured slower, 834 s against 780 s: the two heaviest Ray modules then overlap). Most
-# of a test's wall time is waiting on processes (Ray, trials, the CLI's subprocesses): in one
-# process the suite's CPU time (time(1): ~610 s) was a quarter of 2 cores x its wall time
-# (1,150 s). On 2 cores, 2026-11-29: 13-14.5 min with two workers against 19 min in one process.
-# TEST_WORKERS=0: one process.
+# first measured slower, 834 s against 780 s: the two heaviest Ray modules then overlap). Much
+# of a test's time is in other processes (Ray's daemons, trials, the CLI's subprocesses), whose
+# CPU time(1) partly misses: it counted ~610 s for a one-process suite of 1,150 s. On 2 cores,
+# 2026-11-29: 13-14.5 min with two workers against 19 min in one process. Three workers are
+# slower (an AMD box, 2026-11-29: 1,203 s against 1,137 s with two): counting every process's
+# CPU each second, two workers keep both cores ~98% busy. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: install system-packages
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12 tests  # the slowest tests, to keep the suite under 15 min on 2 cores
