@@ -299,6 +299,10 @@ def tune_cmd(
         err_console.print(f"interrupted: the search's state is saved in {outcome.exp_dir}; go on with: "
                           f"msa-search tune --resume {outcome.exp_dir}", highlight=False, soft_wrap=True)
         raise typer.Exit(130)  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+    if outcome.nothing_to_run:
+        err_console.print(f"{outcome.exp_dir}: every trial of this search has ended, nothing to resume (Ray not "
+                          f"started); to run more on its study: msa-search tune --resume {outcome.exp_dir} "
+                          "--add-trials N", highlight=False, soft_wrap=True)
     counts = ", ".join(f"{n} {state}" for state, n in outcome.trials.items() if n) or "none"
     console.print(f"trials: {counts}")
     deferred = outcome.deferred_tests

@@ -39,6 +39,14 @@ def lacking_test(layout: Layout, cfg: ExperimentConfig, df: pd.DataFrame, top: i
     return [(s.trial_id, s.epoch) for s in score_trials(layout, cfg, df)[:top] if (s.trial_id, s.epoch) not in tested]
 
 
+def owed_tests(layout: Layout, cfg: ExperimentConfig) -> list[tuple[str, int]]:
+    """(trial id, epoch) of the test grids evaluate_deferred_tests would evaluate now: none
+    unless train.eval_test is deferred."""
+    if resolved_policy(cfg, in_search=True) != "deferred":
+        return []
+    return lacking_test(layout, cfg, ResultsStore(layout.results).read(hparams=False), cfg.search.test_top)
+
+
 def evaluate_deferred_tests(layout: Layout, cfg: ExperimentConfig, grid, data: SharedSplits,
                             resources: dict[str, float]) -> DeferredTests:
     """After a search (`grid`: Tune's results): the test grid of the best trials that lack it,
@@ -47,12 +55,10 @@ def evaluate_deferred_tests(layout: Layout, cfg: ExperimentConfig, grid, data: S
     import ray
 
     outcome = DeferredTests()
-    if resolved_policy(cfg, in_search=True) != "deferred":
-        return outcome
-    store = ResultsStore(layout.results)
-    wanted = lacking_test(layout, cfg, store.read(hparams=False), cfg.search.test_top)
+    wanted = owed_tests(layout, cfg)
     if not wanted:
         return outcome
+    store = ResultsStore(layout.results)
     results = {str((r.metrics or {}).get("trial_id")): r for r in grid}
     task = ray.remote(_test_grid).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu") or 0)
     base = cfg.model_dump(mode="json")

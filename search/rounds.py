@@ -63,6 +63,34 @@ def add_round(layout: Layout, cfg: ExperimentConfig, trials: int) -> Round:
     return Round(len(added), trials)
 
 
+def ended_results(layout: Layout, cfg: ExperimentConfig) -> list | None:
+    """Tune's results of every round when all of them have ended (each made all its trials, and
+    each of those terminated or errored: what `Tuner.restore` would find nothing to run in),
+    read from Tune's saved state without Ray. None where a round is not over (a driver stopped
+    it, one was recorded and never started, a budget ended it early) or its state cannot be read
+    here: the resume then goes the usual way, with Ray."""
+    from ray import tune
+
+    from .storage import exists
+
+    results = []
+    for round_ in search_rounds(layout, cfg):
+        state = layout.tune_state(round_.index)
+        if not exists(state):
+            return None
+        try:
+            analysis = tune.ExperimentAnalysis(str(state))
+        except Exception:  # noqa: BLE001 (unreadable here: Tune itself says why on restore)
+            return None
+        if len(analysis.trials) < round_.trials or any(t.status not in ENDED for t in analysis.trials):
+            return None
+        results += list(tune.ResultGrid(analysis))
+    return results
+
+
+ENDED = ("TERMINATED", "ERROR")  # Tune's final trial states; errored ones are not retried on resume
+
+
 def _added(layout: Layout) -> list[int]:
     if not layout.rounds.is_file():
         return []

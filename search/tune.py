@@ -23,14 +23,14 @@ from data_pipeline.source import prepare_store
 from .config import ExperimentConfig, load_config
 from . import interrupt
 from .console_view import showing
-from .deferred_test import DeferredTests, evaluate_deferred_tests
+from .deferred_test import DeferredTests, evaluate_deferred_tests, owed_tests
 from .devices import place, visible_gpus
 from .driver_presence import driver_marked, driver_state
 from .layout import Layout
 from .objective import OBJECTIVE
 from .ray_output import ray_output_to
 from .ray_setup import cluster_of, ensure_ray
-from .rounds import Round, add_round, check_can_add, search_rounds
+from .rounds import Round, add_round, check_can_add, ended_results, search_rounds
 from .run import new_run_dir
 from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
@@ -48,6 +48,7 @@ class SearchOutcome:
     first_failure: str | None = None  # the reason of the first errored trial
     deferred_tests: DeferredTests = field(default_factory=DeferredTests)  # train.eval_test: deferred
     interrupted: bool = False  # Ctrl-C: Tune saved its state and returned early (search/interrupt.py)
+    nothing_to_run: bool = False  # resumed after every trial had ended: read back, Ray not started
 
     @property
     def any_completed(self) -> bool:
@@ -71,6 +72,8 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
         layout, cfg = _experiment_to_resume(Path(resume_dir).resolve())
         if add_trials is not None:
             check_can_add(layout, cfg, add_trials)
+        elif (ended := _ended_search(layout, cfg)) is not None:
+            return ended
     else:
         layout = _new_experiment(cfg)
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(layout.root)})})
@@ -104,6 +107,19 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
         outcome.interrupted = interrupt.interrupted()
         if not outcome.interrupted:  # a search cut short goes on with `--resume`, its test grids then
             outcome.deferred_tests = evaluate_deferred_tests(layout, cfg, results, data, trial_resources(cfg))
+    return outcome
+
+
+def _ended_search(layout: Layout, cfg: ExperimentConfig) -> SearchOutcome | None:
+    """The outcome of a search with nothing left to run (every round's trials ended, no
+    deferred test grid owed), without starting Ray (10-20 s) to find that out."""
+    results = ended_results(layout, cfg)
+    if results is None:
+        return None
+    if owed_tests(layout, cfg):  # evaluated (or each skipped with its reason) the usual way
+        return None
+    outcome = _outcome(layout, cfg, results)
+    outcome.nothing_to_run = True
     return outcome
 
 

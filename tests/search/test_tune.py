@@ -11,12 +11,13 @@ import ray
 import torch
 
 from data_pipeline.loader import load_splits
+from search import cli
 from search.cli import _print_status
 from search.config import ConfigError, load_config
 from search.export import export_best, score_trials
 from search.layout import Layout
 from search.results import ResultsStore
-from search.rounds import add_round
+from search.rounds import add_round, ended_results
 from search.run import train_in_process
 from search.shared_data import DATA_PRIVATE_MB
 from search.tune import run_experiment
@@ -106,6 +107,24 @@ def test_export_then_train_reproduces_the_exported_metrics(experiment, tmp_path)
     assert trial_weights.keys() == retrained_weights.keys()
     for name, weight in trial_weights.items():
         torch.testing.assert_close(retrained_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resuming_a_finished_search_reads_its_outcome_without_starting_ray(experiment, monkeypatch, capsys):
+    """Every trial ended: `tune --resume` says so and prints the summary, from Tune's saved state
+    (a 10-20 s Ray start and data load saved), and writes nothing."""
+    import search.tune
+
+    monkeypatch.setattr(search.tune, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(search.tune, "prepare_store", lambda *a, **k: pytest.fail("the data was prepared"))
+    before = sorted((p, p.stat().st_mtime_ns) for p in experiment.rglob("*") if p.is_file())
+    monkeypatch.setattr(sys, "argv", ["msa-search", "tune", "--resume", str(experiment)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    captured = capsys.readouterr()
+    assert exit_info.value.code in (0, None), captured.err
+    assert f"{experiment}: every trial of this search has ended, nothing to resume" in captured.err
+    assert "trials: 5 completed, 1 errored" in captured.out and "best so far: trial" in captured.out
+    assert sorted((p, p.stat().st_mtime_ns) for p in experiment.rglob("*") if p.is_file()) == before
 
 
 def test_existing_experiment_dir_is_refused(experiment):
@@ -250,9 +269,14 @@ def test_trials_added_to_a_finished_search_are_sampled_anew_on_its_study(tmp_pat
     df = ResultsStore(layout.results).read(hparams=False)
     assert df.trial_id.nunique() == 5 and not df.duplicated(["trial_id", "epoch", "split", "pattern"]).any()
     assert {s.trial_id for s in score_trials(layout, load_config(layout.config), df)} == set(df.trial_id)
-    # Nothing left to run: a plain resume asks no trial.
-    run_experiment(None, resume_dir=exp)
+    # Nothing left to run: a plain resume asks no trial, and reads the outcome without Ray...
+    outcome = run_experiment(None, resume_dir=exp)
+    assert outcome.nothing_to_run and outcome.trials == {"completed": 5}, outcome
     assert len(load_study(exp).trials) == 5
+    # ... unless a round is recorded and not run yet: Tune then runs it.
+    add_round(layout, load_config(layout.config), 1)
+    assert ended_results(layout, load_config(layout.config)) is None
+    layout.rounds.write_text(json.dumps({"added_trials": [1, 2]}) + "\n")  # as it was
     capsys.readouterr()
     _print_status(exp)
     out = capsys.readouterr().out
