@@ -74,6 +74,7 @@ class SearchProgress:
     ray_warnings: int = 0  # Ray's warnings and errors, sent to the log file (search/ray_output.py)
     log_path: str = ""
     added: bool = False  # trials added to a search (search/rounds.py): counts and best are theirs
+    over: bool = False  # Tune returned, not interrupted: no time left, whatever trials a budget left unrun
 
     @classmethod
     def of(cls, experiment: str, cfg: ExperimentConfig) -> "SearchProgress":
@@ -142,6 +143,8 @@ class SearchProgress:
         """At most this long, at the pace so far: epochs left of the trials not ended plus the
         trials not yet started, at the finished epochs' rate, capped by the time budget. An
         upper bound: the scheduler may stop trials early."""
+        if self.over:
+            return 0.0
         elapsed = self.elapsed_s(now)
         done = sum(line.epoch + 1 for line in self.trials.values())
         open_lines = [t for t in self.trials.values() if t.status in ("pending", "running", "paused")]
@@ -284,6 +287,7 @@ class ConsoleView(tune.Callback):
 
     def setup(self, **info) -> None:
         self.progress.started = time.time() - self.progress.prior_s
+        self.progress.over = False
         record_before_tune()  # every search has this view: it is where Ctrl-C gets noticed
         if _DISPLAY is not None:
             _DISPLAY.start()
@@ -318,6 +322,8 @@ class ConsoleView(tune.Callback):
     def on_experiment_end(self, trials, **info) -> None:
         if interrupted():
             self.progress.interrupt()
+        else:
+            self.progress.over = True
         self.progress.sync_states(trials)
         self._draw(force=True)
         if _DISPLAY is not None and not _DISPLAY.interactive:

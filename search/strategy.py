@@ -25,6 +25,11 @@ def uses_study(cfg: ExperimentConfig) -> bool:
     return cfg.search.scheduler != "pbt"
 
 
+def study_metric(cfg: ExperimentConfig) -> str | list[str]:
+    """The reported metric(s) the study's trials are told: the objective, or one per objective."""
+    return [f"{OBJECTIVE}/{name}" for name in cfg.search.objectives] if cfg.search.objectives else OBJECTIVE
+
+
 def searcher(cfg: ExperimentConfig, layout: Layout, storage=None, seed: int | None = None):
     """OptunaSearch over the experiment's study (`layout.optuna_storage`, or its `storage` made
     already), at most `search.max_concurrent` trials at once; its sampler seeded with `seed`
@@ -38,11 +43,8 @@ def searcher(cfg: ExperimentConfig, layout: Layout, storage=None, seed: int | No
     sampler = samplers[cfg.search.sampler](seed=cfg.search.seed if seed is None else seed,
                                         **cfg.search.sampler_options())
     storage = storage or study_storage(layout)
-    if cfg.search.objectives:
-        metric = [f"{OBJECTIVE}/{name}" for name in cfg.search.objectives]
-        mode = [objective_mode(name) for name in cfg.search.objectives]
-    else:
-        metric, mode = OBJECTIVE, cfg.search.mode
+    metric = study_metric(cfg)
+    mode = [objective_mode(name) for name in cfg.search.objectives] if cfg.search.objectives else cfg.search.mode
     search = StudySearch(sampler=sampler, storage=storage, study_name=layout.study_name, metric=metric, mode=mode)
     return ConcurrencyLimiter(search, max_concurrent=cfg.search.max_concurrent)
 
@@ -68,12 +70,16 @@ class StudySearch(OptunaSearch):
         self._unclaimed = None  # what a previous driver saved is stale: look again
 
     def suggest(self, trial_id: str):
-        if trial_id not in self._ot_trials and self._space and not callable(self._space):
+        known = trial_id in self._ot_trials
+        if not known and self._space and not callable(self._space):
             if self._unclaimed is None:
                 self._unclaimed = self._running_unclaimed()
             if self._unclaimed:
                 self._ot_trials[trial_id] = self._claim(self._unclaimed.pop(0))
-        return super().suggest(trial_id)
+        config = super().suggest(trial_id)
+        if not known and trial_id in self._ot_trials:  # which Tune trial it is: settle_ended_trials
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
@@ -98,6 +104,37 @@ class StudySearch(OptunaSearch):
             # the killed driver had not stored yet is sampled now.
             trial._suggest(name, distribution)
         return trial
+
+
+TUNE_TRIAL_ATTR = "tune_trial_id"  # an Optuna trial's user attribute: the Tune trial it is
+
+
+def settle_ended_trials(layout: Layout, cfg: ExperimentConfig, ended: dict[str, dict]) -> int:
+    """Tell the study how the Tune trials in `ended` (id -> last result) ended where Tune did not:
+    when a budget (search.max_trial_epochs, search.time_budget_s) ends the experiment, Ray 2.60's
+    TuneController marks the running trials terminated without calling the searcher's
+    on_trial_complete, leaving their Optuna trials RUNNING for ever (status would call them cut
+    off, and a sampler take them as still running). Told as OptunaSearch tells a trial its
+    scheduler stopped: COMPLETE with the last reported value, PRUNED if it reported none.
+    Returns how many were told."""
+    from .study import load_study
+
+    if not uses_study(cfg) or not ended:
+        return 0
+    study = load_study(layout)
+    metric = study_metric(cfg)
+    told = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        result = ended.get(trial.user_attrs.get(TUNE_TRIAL_ATTR))
+        if result is None:
+            continue
+        values = [result.get(m) for m in metric] if isinstance(metric, list) else result.get(metric)
+        if values is None or (isinstance(values, list) and None in values):
+            study.tell(trial.number, state=TrialState.PRUNED)
+        else:
+            study.tell(trial.number, values, skip_if_finished=True)  # a NaN is told FAIL by Optuna
+        told += 1
+    return told
 
 
 def scheduler(cfg: ExperimentConfig, space: dict[str, Dist], earlier: Sequence[tuple[str, int, float]] = ()):

@@ -30,11 +30,12 @@ from .layout import Layout
 from .objective import OBJECTIVE
 from .ray_output import ray_output_to
 from .ray_setup import cluster_of, ensure_ray
+from .results import ResultsStore, compact_finished_trial
 from .rounds import Round, add_round, check_can_add, ended_results, search_rounds
 from .run import new_run_dir
 from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
-from .strategy import scheduler, searcher, trial_epoch_budget, uses_study
+from .strategy import scheduler, searcher, settle_ended_trials, trial_epoch_budget, uses_study
 from .storage import check_location, exists, probe_study
 from .study import asked_trials, study_names
 from .study import storage as study_storage
@@ -147,7 +148,24 @@ def _run_rounds(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, s
         results += list(tuner.fit())
         if interrupt.interrupted():
             break
+        _settle_round(layout, cfg, round_)
     return results
+
+
+def _settle_round(layout: Layout, cfg: ExperimentConfig, round_: Round) -> None:
+    """What Tune leaves undone where a budget (search.max_trial_epochs, search.time_budget_s)
+    ended a round: Ray 2.60's TuneController then marks its running trials terminated without
+    the hooks of a trial's end, so their Optuna trials are told here (search/strategy.py:
+    settle_ended_trials) and their rows compacted. Read from the state Tune saved as the round
+    ended (an interrupted round's cut-off trials are saved running, and go on on `--resume`)."""
+    from ray import tune
+    from ray.tune.utils import flatten_dict
+
+    trials = tune.ExperimentAnalysis(str(layout.tune_state(round_.index))).trials
+    ended = {t.trial_id: flatten_dict(t.last_result or {}) for t in trials if t.status == "TERMINATED"}
+    settle_ended_trials(layout, cfg, ended)
+    for trial_id in ResultsStore(layout.results).trials_with_parts(ended):
+        compact_finished_trial(layout.results, trial_id)
 
 
 def _restored(layout: Layout, round_: Round, trainable, space: dict):

@@ -79,6 +79,9 @@ def test_time_left_counts_open_epochs_at_the_pace_so_far_capped_by_the_budget(cf
     assert p.time_left_s(now=20.0) == pytest.approx(100.0)
     p.time_budget_s = 60.0
     assert p.time_left_s(now=20.0) == pytest.approx(40.0)
+    # A budget ended the search with trials not run: none left, whatever the count says.
+    p.over = True
+    assert p.time_left_s(now=20.0) == 0.0 and p.summary(now=20.0).endswith("20s elapsed, up to 0s left")
 
 
 def test_the_terminal_panel_shows_running_trials_best_errors_and_ray_warnings(cfg):

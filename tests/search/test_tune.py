@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 import ray
+import ray.tune
 import torch
 
 from data_pipeline.loader import load_splits
@@ -16,6 +17,7 @@ from search.cli import _print_status
 from search.config import ConfigError, load_config
 from search.export import export_best, score_trials
 from search.layout import Layout
+from search.objective import OBJECTIVE
 from search.results import ResultsStore
 from search.rounds import add_round, ended_results
 from search.run import train_in_process
@@ -193,6 +195,13 @@ def test_the_trial_epoch_budget_counts_epochs(tmp_path, local_ray):
     run_experiment(tiny(exp, "search.num_samples=5", "search.max_trial_epochs=4", "search.max_concurrent=1"))
     df = ResultsStore(exp / "results").read(hparams=False)
     assert list(per_trial_epochs(df)) == [[0, 1], [0, 1]]
+    # Tune ends the trial running when the budget runs out without telling the searcher (Ray
+    # 2.60): the study is told here, and that trial's rows compacted like the others'.
+    last = {t.trial_id: t.last_result for t in ray.tune.ExperimentAnalysis(str(Layout(exp).tune_state())).trials}
+    told = {t.user_attrs["tune_trial_id"]: (t.state, t.values[0]) for t in load_study(exp).trials}
+    assert told == {trial_id: (optuna.trial.TrialState.COMPLETE, r[OBJECTIVE]) for trial_id, r in last.items()}
+    assert all(r["epoch"] == 1 for r in last.values()) and set(told) == set(df.trial_id)
+    assert ResultsStore(exp / "results").trials_with_parts(df.trial_id.unique()) == []
 
 
 def test_multi_objective_needs_no_scheduler():
