@@ -161,9 +161,13 @@ def _settle_round(layout: Layout, cfg: ExperimentConfig, round_: Round) -> None:
     from ray import tune
     from ray.tune.utils import flatten_dict
 
-    trials = tune.ExperimentAnalysis(str(layout.tune_state(round_.index))).trials
-    ended = {t.trial_id: flatten_dict(t.last_result or {}) for t in trials if t.status == "TERMINATED"}
-    settle_ended_trials(layout, cfg, ended)
+    try:
+        trials = tune.ExperimentAnalysis(str(layout.tune_state(round_.index))).trials
+        ended = {t.trial_id: flatten_dict(t.last_result or {}) for t in trials if t.status == "TERMINATED"}
+        settle_ended_trials(layout, cfg, ended)
+    except Exception as exc:  # noqa: BLE001 (the search's results stand; only the study's bookkeeping is behind)
+        warn(f"{layout.root}: trials that a budget ended may stay RUNNING in the study ({exc})")
+        return
     for trial_id in ResultsStore(layout.results).trials_with_parts(ended):
         compact_finished_trial(layout.results, trial_id)
 
