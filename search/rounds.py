@@ -63,6 +63,9 @@ def add_round(layout: Layout, cfg: ExperimentConfig, trials: int) -> Round:
     return Round(len(added), trials)
 
 
+ENDED = ("TERMINATED", "ERROR")  # Tune's final trial states; errored ones are not retried on resume
+
+
 def ended_results(layout: Layout, cfg: ExperimentConfig) -> list | None:
     """Tune's results of every round when all of them have ended (each made all its trials, and
     each of those terminated or errored: what `Tuner.restore` would find nothing to run in),
@@ -86,9 +89,6 @@ def ended_results(layout: Layout, cfg: ExperimentConfig) -> list | None:
             return None
         results += list(tune.ResultGrid(analysis))
     return results
-
-
-ENDED = ("TERMINATED", "ERROR")  # Tune's final trial states; errored ones are not retried on resume
 
 
 def _added(layout: Layout) -> list[int]:
