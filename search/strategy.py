@@ -109,23 +109,30 @@ class StudySearch(OptunaSearch):
 TUNE_TRIAL_ATTR = "tune_trial_id"  # an Optuna trial's user attribute: the Tune trial it is
 
 
-def settle_ended_trials(layout: Layout, cfg: ExperimentConfig, ended: dict[str, dict]) -> int:
-    """Tell the study how the Tune trials in `ended` (id -> last result) ended where Tune did not:
-    when a budget (search.max_trial_epochs, search.time_budget_s) ends the experiment, Ray 2.60's
-    TuneController marks the running trials terminated without calling the searcher's
-    on_trial_complete, leaving their Optuna trials RUNNING for ever (status would call them cut
-    off, and a sampler take them as still running). Told as OptunaSearch tells a trial its
-    scheduler stopped: COMPLETE with the last reported value, PRUNED if it reported none.
-    Returns how many were told."""
+def settle_ended_trials(layout: Layout, cfg: ExperimentConfig, ended: dict[str, dict],
+                        errored: frozenset[str] | set[str] = frozenset()) -> int:
+    """Tell the study how the Tune trials in `ended` (id -> last result) and `errored` ended
+    where Tune did not: when a budget (search.max_trial_epochs, search.time_budget_s) ends the
+    experiment, Ray 2.60's TuneController marks the running trials terminated without calling
+    the searcher's on_trial_complete, and a trial it fails outside the trial's function (an
+    actor it could not reuse, say) errored, alike; their Optuna trials would stay RUNNING for
+    ever (status would call them cut off, and a sampler take them as still running). Told as
+    OptunaSearch tells a trial its scheduler stopped: COMPLETE with the last reported value,
+    PRUNED if it reported none; an errored one FAIL. Returns how many were told."""
     from .study import load_study
 
-    if not uses_study(cfg) or not ended:
+    if not uses_study(cfg) or not (ended or errored):
         return 0
     study = load_study(layout)
     metric = study_metric(cfg)
     told = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        result = ended.get(trial.user_attrs.get(TUNE_TRIAL_ATTR))
+        tune_id = trial.user_attrs.get(TUNE_TRIAL_ATTR)
+        if tune_id in errored:
+            study.tell(trial.number, state=TrialState.FAIL)
+            told += 1
+            continue
+        result = ended.get(tune_id)
         if result is None:
             continue
         values = [result.get(m) for m in metric] if isinstance(metric, list) else result.get(metric)

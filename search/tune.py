@@ -155,8 +155,8 @@ def _run_rounds(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, s
 def _settle_round(layout: Layout, cfg: ExperimentConfig, round_: Round) -> None:
     """What Tune leaves undone where a budget (search.max_trial_epochs, search.time_budget_s)
     ended a round: Ray 2.60's TuneController then marks its running trials terminated without
-    the hooks of a trial's end, so their Optuna trials are told here (search/strategy.py:
-    settle_ended_trials) and their rows compacted. Read from the state Tune saved as the round
+    the hooks of a trial's end (and a trial it fails outside its function, errored), so their
+    Optuna trials are told here (search/strategy.py: settle_ended_trials) and their rows compacted. Read from the state Tune saved as the round
     ended (an interrupted round's cut-off trials are saved running, and go on on `--resume`)."""
     from ray import tune
     from ray.tune.utils import flatten_dict
@@ -164,7 +164,7 @@ def _settle_round(layout: Layout, cfg: ExperimentConfig, round_: Round) -> None:
     try:
         trials = tune.ExperimentAnalysis(str(layout.tune_state(round_.index))).trials
         ended = {t.trial_id: flatten_dict(t.last_result or {}) for t in trials if t.status == "TERMINATED"}
-        settle_ended_trials(layout, cfg, ended)
+        settle_ended_trials(layout, cfg, ended, errored={t.trial_id for t in trials if t.status == "ERROR"})
     except Exception as exc:  # noqa: BLE001 (the search's results stand; only the study's bookkeeping is behind)
         warn(f"{layout.root}: trials that a budget ended may stay RUNNING in the study ({exc})")
         return
@@ -229,9 +229,12 @@ def _tuner(cfg: ExperimentConfig, layout: Layout, space: dict, trainable, storag
             scheduler=scheduler(cfg, space, earlier=history), num_samples=round_.trials,
             max_concurrent_trials=cfg.search.max_concurrent if cfg.search.scheduler == "pbt" else None,
             time_budget_s=cfg.search.time_budget_s,
-            # A new trial runs in the process of one that ended (every trial asks for the same
-            # resources): no process start and imports per trial (bench/search_overhead.py).
-            reuse_actors=True),
+            # A new in-process trial runs in the process of one that ended (every trial asks for
+            # the same resources): no process start and imports per trial (bench/search_overhead.py).
+            # Not a distributed trial's: its Ray Train run is still shutting down when Tune
+            # resets the actor (Tune waits 2 s, TUNE_FUNCTION_THREAD_TIMEOUT_S), and the next
+            # trial then fails ("Trainable runner reuse requires reset_config()").
+            reuse_actors=cfg.train.workers == 0),
         run_config=tune.RunConfig(
             name=round_.name, storage_path=str(layout.ray),
             callbacks=callbacks,

@@ -257,3 +257,29 @@ def test_a_trial_killed_while_being_asked_gets_its_missing_parameters(tmp_path, 
     config = search.suggest("t1")
     assert config["x"] == x and config["k"] in ("a", "b") and len(study.trials) == 1
     assert search.suggest("t2")["x"] != x and len(study.trials) == 2
+
+
+def test_trials_tune_ended_without_telling_the_searcher_are_told_at_the_rounds_end(tmp_path, quiet_optuna):
+    """A budget ends the running trials, and Tune fails a trial outside its function (an actor it
+    could not reuse), without the searcher's on_trial_complete (Ray 2.60): each Optuna trial
+    names its Tune trial, and the round's end tells those still RUNNING how they ended."""
+    from ray import tune
+
+    from search.strategy import TUNE_TRIAL_ATTR, StudySearch, settle_ended_trials
+
+    layout = Layout(tmp_path / "exp")
+    layout.root.mkdir()
+    cfg = load_config(ROOT / "configs" / "quick.yaml", [f"output.dir={layout.root}"])
+    search = StudySearch(sampler=optuna.samplers.RandomSampler(seed=0),
+                         storage=optuna.storages.RDBStorage(layout.optuna_storage),
+                         study_name=layout.study_name, metric="objective", mode="max")
+    search.set_search_properties(None, None, {"x": tune.uniform(0, 1)})
+    for trial_id in ("done", "cut", "silent", "failed", "running"):
+        search.suggest(trial_id)
+    search.on_trial_complete("done", {"objective": 0.9})
+    ended = {"done": {"objective": 0.1}, "cut": {"objective": 0.6, "epoch": 1}, "silent": {}}
+    assert settle_ended_trials(layout, cfg, ended, errored={"failed"}) == 3
+    study = optuna.load_study(study_name=layout.study_name, storage=layout.optuna_storage)
+    states = {t.user_attrs[TUNE_TRIAL_ATTR]: (t.state.name, t.value) for t in study.trials}
+    assert states == {"done": ("COMPLETE", 0.9), "cut": ("COMPLETE", 0.6), "silent": ("PRUNED", None),
+                      "failed": ("FAIL", None), "running": ("RUNNING", None)}
