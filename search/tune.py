@@ -156,8 +156,9 @@ def _settle_round(layout: Layout, cfg: ExperimentConfig, round_: Round) -> None:
     """What Tune leaves undone where a budget (search.max_trial_epochs, search.time_budget_s)
     ended a round: Ray 2.60's TuneController then marks its running trials terminated without
     the hooks of a trial's end (and a trial it fails outside its function, errored), so their
-    Optuna trials are told here (search/strategy.py: settle_ended_trials) and their rows compacted. Read from the state Tune saved as the round
-    ended (an interrupted round's cut-off trials are saved running, and go on on `--resume`)."""
+    Optuna trials are told here (search/strategy.py: settle_ended_trials) and their rows
+    compacted. Read from the state Tune saved as the round ended (an interrupted round's
+    cut-off trials are saved running, and go on on `--resume`)."""
     from ray import tune
     from ray.tune.utils import flatten_dict
 
@@ -166,7 +167,7 @@ def _settle_round(layout: Layout, cfg: ExperimentConfig, round_: Round) -> None:
         ended = {t.trial_id: flatten_dict(t.last_result or {}) for t in trials if t.status == "TERMINATED"}
         settle_ended_trials(layout, cfg, ended, errored={t.trial_id for t in trials if t.status == "ERROR"})
     except Exception as exc:  # noqa: BLE001 (the search's results stand; only the study's bookkeeping is behind)
-        warn(f"{layout.root}: trials that a budget ended may stay RUNNING in the study ({exc})")
+        warn(f"{layout.root}: trials that Tune ended without telling the study may stay RUNNING in it ({exc})")
         return
     for trial_id in ResultsStore(layout.results).trials_with_parts(ended):
         compact_finished_trial(layout.results, trial_id)
