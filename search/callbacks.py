@@ -96,24 +96,29 @@ class TuneResultsCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "rows" not in result:
             return
-        self._write_params(trial)
-        run = RunInfo.of(self.layout.root.name, trial.trial_id, self.base.with_params(trial.config))
+        # The values this epoch trained with, as the trainable reports them: Tune runs the
+        # scheduler before the callbacks, and PBT, exploiting on this very result, has already
+        # given the trial the values its next epochs train with (`trial.config`).
+        config = result.get("config", trial.config)
+        self._write_params(trial.trial_id, config)
+        run = RunInfo.of(self.layout.root.name, trial.trial_id, self.base.with_params(config))
         ResultsStore(self.layout.results).append(run, int(result["epoch"]), reported_results(result),
                                                  time.time() - self.started)
 
-    def _write_params(self, trial) -> None:
-        """The trial's parameters as it reports (export and status build its config from them):
-        written at its first report, and again after PBT gave it another's mutated values."""
-        params_file = self.layout.trial_params(trial.trial_id)
-        text = json.dumps(trial.config, indent=2) + "\n"
-        if trial.trial_id not in self._params and params_file.exists():  # by an earlier driver
-            self._params[trial.trial_id] = params_file.read_text()
-        if self._params.get(trial.trial_id) != text:
+    def _write_params(self, trial_id: str, config: dict) -> None:
+        """The values a trial's last reported epoch trained with (export and status build its
+        config from them): written at its first report, and again once it reports an epoch
+        trained with PBT's values (another trial's, mutated)."""
+        params_file = self.layout.trial_params(trial_id)
+        text = json.dumps(config, indent=2) + "\n"
+        if trial_id not in self._params and params_file.exists():  # by an earlier driver
+            self._params[trial_id] = params_file.read_text()
+        if self._params.get(trial_id) != text:
             # Whole or absent, should the driver be killed; a full or read-only disk stops the
             # search (Tune ends it when a callback raises), with one line naming the file.
             with writing(params_file), atomic_file(params_file, force=True) as tmp:  # PBT: replaced whole
                 tmp.write_text(text)
-            self._params[trial.trial_id] = text
+            self._params[trial_id] = text
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # Called once a trial reports no more: after its last epoch, and when the scheduler
