@@ -278,6 +278,7 @@ def tune_cmd(
     Shows a live view of the search on stderr. Exits non-zero when no trial completed (the
     first failure's reason is on stderr)."""
     from .config import load_config
+    from .layout import Layout
     from .tune import run_experiment
 
     if add_trials is not None and resume is None:
@@ -315,7 +316,9 @@ def tune_cmd(
         raise MsaSearchError(f"no trial completed ({counts}); first failure: {outcome.first_failure or 'unknown'}; "
                              f"details in {outcome.exp_dir}")
     _print_status(outcome.exp_dir)
-    console.print(f"experiment: {outcome.exp_dir} (config.yaml, optuna.db, results/, ray/); "
+    layout = Layout(outcome.exp_dir)
+    layout = layout.with_config(load_config(layout.config, stored=True))
+    console.print(f"experiment: {outcome.exp_dir} ({layout.summary()}); "
                   f"next: msa-search export {outcome.exp_dir} --out {outcome.exp_dir}/best.yaml", soft_wrap=True)
 
 
@@ -355,15 +358,19 @@ def _refuse_unwritable_output(cfg) -> None:
 def _print_status(exp: Path, cut_off_line: bool = True) -> None:
     from .driver_presence import driver_state
     from .evaluation_plan import POLICY_EPOCHS, resolved_policy
-    from .export import load_experiment, pattern_table, score_trials, stored_pattern_metrics, trial_states
+    from .export import (load_experiment, pattern_table, score_trials, stored_pattern_metrics, trial_states,
+                         tune_trial_states)
     from .objective import held_out_patterns
     from .report_data import text_missing_note
     from .rounds import search_rounds
+    from .study import uses_study
 
     layout, cfg, df = load_experiment(exp, hparams=False)  # configs come from the params files
     if layout.is_experiment:
-        states = trial_states(layout)
-        console.print("study: " + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no trials yet"))
+        in_study = uses_study(cfg)
+        states = trial_states(layout) if in_study else tune_trial_states(layout)
+        console.print(("study: " if in_study else "trials (PBT samples without an Optuna study; Tune's state): ")
+                      + (", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no trials yet"))
         first, *added = search_rounds(layout, cfg)
         if added:
             console.print(f"trials asked for: {first.trials} (search.num_samples), then "

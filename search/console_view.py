@@ -198,6 +198,18 @@ class SearchProgress:
         return Group(*parts)
 
 
+def restart_note(trial, trials) -> str:
+    """What a trial that had reported starts again from: another trial's checkpoint (PBT's exploit,
+    which also gave it that trial's values, mutated) or its own (a retry after a failure, or a
+    resumed search)."""
+    checkpoint = str(getattr(getattr(trial, "checkpoint", None), "path", "") or "")
+    source = next((t.trial_id for t in trials if t is not trial and getattr(t, "path", None)
+                   and checkpoint.startswith(str(t.path).rstrip("/") + "/")), None)
+    if source is not None:
+        return f"restarted from trial {source}'s weights with its values mutated (PBT)"
+    return "restarted from its last checkpoint" if checkpoint else "restarted"
+
+
 def _last_epoch(trial) -> int:
     return int((getattr(trial, "last_result", None) or {}).get("epoch", -1))
 
@@ -294,8 +306,9 @@ class ConsoleView(tune.Callback):
             self._draw(force=True)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        before = self.progress.trials.get(trial.trial_id)
         self.progress.started_trial(trial.trial_id)
-        self._event(trial.trial_id, "started")
+        self._event(trial.trial_id, "started" if before is None or before.epoch < 0 else restart_note(trial, trials))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "epoch" not in result:

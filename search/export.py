@@ -17,7 +17,7 @@ from .layout import Layout
 from .objective import HELD_OUT_PATTERNS, PatternMetrics, check_objective, objective_mode, objective_value, pareto_front
 from .results import ResultsStore
 from .seed_group import read_group
-from .study import load_study
+from .study import load_study, uses_study
 
 
 @dataclass
@@ -110,6 +110,26 @@ def trial_states(layout: Layout, study=None) -> dict[str, int]:
     return counts
 
 
+def tune_trial_states(layout: Layout) -> dict[str, int]:
+    """A search without an Optuna study (PBT samples without one): its trials by state as Tune's
+    saved state has them, read without Ray; empty when there is none (yet) or it cannot be read."""
+    from ray import tune
+
+    from .storage import exists
+
+    state = layout.tune_state()
+    if not exists(state):
+        return {}
+    try:
+        trials = tune.ExperimentAnalysis(str(state)).trials
+    except Exception:  # noqa: BLE001 (status shows what it can; a resume says why Tune cannot read it)
+        return {}
+    counts: dict[str, int] = {}
+    for trial in trials:
+        counts[trial.status.lower()] = counts.get(trial.status.lower(), 0) + 1
+    return counts
+
+
 def exported_trials(layout: Layout, cfg: ExperimentConfig, df: pd.DataFrame, top: int | None = None,
                     objective: str | None = None) -> list[TrialScore]:
     """The trials `export` writes, best first: the `top` best finished ones (default 1); for a
@@ -143,6 +163,10 @@ def export_best(exp_dir: str | Path, out: str | Path, top: int | None = None,
         header = [f"# exported from {layout.root} trial {score.trial_id} (rank {rank}), epoch {score.epoch}",
                   f"# objective {objective or score.config.search.objective} on valid = {score.objective:.6f}",
                   "# metrics it reached (split pattern: f1_non0 acc2_non0 mae corr; * = held out of the search):"]
+        if not uses_study(cfg):
+            header[2:2] = ["# search.scheduler pbt: the values below are those its last epoch trained with; PBT may have",
+                           "# changed them during the trial and given it another trial's weights, so a retrain with",
+                           "# them alone need not reach these metrics"]
         for _, row in final.sort_values(["split", "pattern"]).iterrows():
             mark = "*" if row["pattern"] in HELD_OUT_PATTERNS else " "
             header.append(f"#  {row['split']:5s} {row['pattern']:10s}{mark} {row['f1_non0']:.6f} "

@@ -99,6 +99,16 @@ class Layout:
     def rounds(self) -> Path:  # trials added to the search after it started (tune --add-trials)
         return self.root / "rounds.json"
 
+    def summary(self) -> str:
+        """What the experiment holds and where, as `tune` names it at its end: its study only
+        where it has one (a PBT search samples without Optuna), storage named where set."""
+        def where(location: Path | str, name: str) -> str:
+            return f"{name}/" if location == self.root / name else f"{name}: {shown(str(location))}"
+
+        study = ([self.optuna_db.name] if self.optuna_db.is_file() else
+                 [f"study: {shown(self.study_url)}"] if self.study_url else [])
+        return ", ".join([self.config.name, *study, where(self.results, "results"), where(self.ray, "ray")])
+
     @property
     def space(self) -> Path:  # the resolved search space
         return self.root / "space.json"

@@ -25,7 +25,7 @@ from .layout import Layout
 from .objective import held_out_patterns as objective_held_out
 from .objective import objective_mode, objective_value, pareto_front
 from .results import flatten
-from .study import load_study, study_names
+from .study import load_study, study_names, uses_study
 
 if TYPE_CHECKING:
     import optuna
@@ -66,7 +66,8 @@ def load_inputs(exp_dir: str | Path, metric: str = "f1_non0") -> ReportInputs:
     metrics = [m for m in SIMS_METRIC_NAMES if m in df.columns]
     if metric not in metrics:
         raise MsaSearchError(f"--metric {metric}: not in the results; choose one of {', '.join(metrics)}")
-    study, no_study = _load_study(layout)
+    study, no_study = _load_study(layout) if uses_study(cfg) else \
+        (None, "a PBT search (search.scheduler: pbt) samples without an Optuna study")
     states = trial_states(layout, study) if study is not None else {}
     return ReportInputs(layout, cfg, df, score_trials(layout, cfg, df), metric, study, no_study, states)
 

@@ -16,13 +16,7 @@ from .layout import Layout
 from .objective import OBJECTIVE, objective_mode
 from .space import tune_domains
 from .study import storage as study_storage
-
-
-def uses_study(cfg: ExperimentConfig) -> bool:
-    """Whether the search samples through an Optuna study. PBT mutates running trials'
-    configs, which a sequential sampler cannot model: it samples its initial population at
-    random from the same space, and the experiment has no study."""
-    return cfg.search.scheduler != "pbt"
+from .study import uses_study
 
 
 def study_metric(cfg: ExperimentConfig) -> str | list[str]:

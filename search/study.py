@@ -8,6 +8,13 @@ from data_pipeline.errors import MsaSearchError
 from .layout import Layout
 
 
+def uses_study(cfg) -> bool:
+    """Whether the search (an ExperimentConfig's) samples through an Optuna study. PBT mutates
+    running trials' configs, which a sequential sampler cannot model: it samples its initial
+    population at random from the same space, and the experiment has no study."""
+    return cfg.search.scheduler != "pbt"
+
+
 class StudyUnreadableError(MsaSearchError):
     pass
 

@@ -35,9 +35,9 @@ from .rounds import Round, add_round, check_can_add, ended_results, search_round
 from .run import new_run_dir
 from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
-from .strategy import scheduler, searcher, settle_ended_trials, trial_epoch_budget, uses_study
+from .strategy import scheduler, searcher, settle_ended_trials, trial_epoch_budget
 from .storage import check_location, exists, probe_study
-from .study import asked_trials, study_names
+from .study import asked_trials, study_names, uses_study
 from .study import storage as study_storage
 from .trials import distributed_trial, in_process_trial
 

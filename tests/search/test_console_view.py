@@ -102,10 +102,35 @@ def test_the_terminal_panel_shows_running_trials_best_errors_and_ray_warnings(cf
     assert "Ray: 7 warnings/errors in /x/logs/ray.log" in text
 
 
-class FakeTrial:  # what Tune hands callbacks: an id, a status, an error file
+class FakeTrial:  # what Tune hands callbacks: an id, a status, an error file, its directory
     def __init__(self, trial_id: str, status: str = "RUNNING", last_result: dict | None = None):
         self.trial_id, self.status, self.error_file = trial_id, status, None
         self.last_result = last_result or {}
+        self.path, self.checkpoint = f"/x/ray/tune/trial_{trial_id}_0_lr=0.1", None
+
+
+def test_a_trial_that_starts_again_says_from_which_weights(cfg):
+    """PBT's exploit restarts a trial from another trial's checkpoint with that trial's values
+    mutated; a retried or resumed trial restarts from its own. Neither is a new trial."""
+    from ray.train import Checkpoint
+
+    view = ConsoleView("exp", cfg, "/x/logs/ray.log")
+    stream = io.StringIO()
+    a, b = FakeTrial("a"), FakeTrial("b")
+    with showing(stream):
+        view.setup()
+        for t in (a, b):
+            view.on_trial_start(0, [a, b], t)
+            view.on_trial_result(1, [a, b], t, result(0, 0.4))
+        b.checkpoint = Checkpoint(f"{a.path}/checkpoint_000000")
+        view.on_trial_start(2, [a, b], b)
+        a.checkpoint = Checkpoint(f"{a.path}/checkpoint_000000")
+        view.on_trial_start(3, [a, b], a)
+    lines = [line.split(" | ")[0] for line in stream.getvalue().splitlines()]
+    assert [lines[0], lines[2]] == ["trial a started", "trial b started"]
+    assert lines[-2:] == ["trial b restarted from trial a's weights with its values mutated (PBT)",
+                          "trial a restarted from its last checkpoint"]
+    assert view.progress.by_state() == {"running": 2}
 
 
 def test_the_view_writes_one_line_per_event_off_a_terminal_and_survives_pickling(cfg):

@@ -82,7 +82,18 @@ def test_results_state_and_study_live_in_their_storage(stored):
     assert (exp / "config.yaml").is_file() and (exp / "space.json").is_file()
     study = optuna.load_study(study_name=Layout(exp).study_name, storage=f"sqlite:///{db}")
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 2
-    assert Layout(exp).with_config(load_config(exp / "config.yaml")).results == f"file://{root}/results"
+    layout = Layout(exp).with_config(load_config(exp / "config.yaml"))
+    assert layout.results == f"file://{root}/results"
+    # What `tune` names at its end: where each part went.
+    assert layout.summary() == f"config.yaml, study: sqlite:///{db}, results: file://{root}/results, " \
+                               f"ray: file://{root}/ray"
+
+
+def test_an_experiment_names_a_study_only_where_it_has_one(tmp_path):
+    layout = Layout(tmp_path)
+    assert layout.summary() == "config.yaml, results/, ray/", "a PBT search samples without Optuna"
+    layout.optuna_db.touch()
+    assert layout.summary() == "config.yaml, optuna.db, results/, ray/"
 
 
 def test_status_export_and_report_read_from_the_storage(stored, msa_cli, tmp_path):

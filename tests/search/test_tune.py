@@ -170,7 +170,7 @@ def test_multi_objective_search_exports_its_pareto_front(tmp_path, local_ray):
         assert any(q[0] >= p[0] and q[1] >= p[1] for q in points.values())
 
 
-def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray):
+def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray, msa_cli):
     exp = tmp_path / "pbt"
     run_experiment(tiny(exp, "search.scheduler=pbt", "search.num_samples=2", "train.epochs=3"))
     df = ResultsStore(exp / "results").read()
@@ -186,6 +186,12 @@ def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray):
         params = json.loads(Layout(exp).trial_params(str(trial_id)).read_text())
         assert {f"hp.{k}": v for k, v in params.items()} == pytest.approx(rows.iloc[-1][list(
             f"hp.{k}" for k in params)].to_dict())
+    # No study to count its trials: status counts them in Tune's state.
+    code, out, err = msa_cli("status", str(exp))
+    assert code == 0 and "trials (PBT samples without an Optuna study; Tune's state): terminated 2" in out, err
+    # Its export says that its values alone need not reproduce it (PBT may have changed them).
+    code, out, err = msa_cli("export", str(exp), "--out", str(tmp_path / "best.yaml"))
+    assert code == 0 and "PBT may have\n# changed them" in (tmp_path / "best.yaml").read_text(), err
 
 
 def test_the_trial_epoch_budget_counts_epochs(tmp_path, local_ray):
