@@ -25,9 +25,10 @@ class Cluster:
     """What the driver knows about where trials and workers can run."""
 
     gpus: float  # GPUs the Ray cluster offers now (ray.cluster_resources())
-    # A cluster the driver joined (`ray up`): an autoscaler may add GPU nodes later, so a
-    # shortfall is a warning there; a private local cluster is all there is, so it is an error.
+    # A cluster the driver joined (`ray up`): an autoscaler may add nodes later, so a shortfall
+    # is a warning there; a private local cluster is all there is, so it is an error.
     joined: bool = False
+    cpus: float | None = None  # CPUs it offers now (None: not known, nothing checked)
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,23 @@ def place(cfg: ExperimentConfig, cluster: Cluster | None, visible_gpus: int = 0,
         return _checked(cfg, Placement(use_gpu, 0.0))
     warnings: list[str] = []
 
-    def shortfall(message: str) -> None:
+    def shortfall(message: str, node: str = "a node with a GPU") -> None:
         if not cluster.joined:
             raise ConfigError(message)
-        warnings.append(f"warning: {message.split(': ', 1)[1]}; trials wait until a node with a GPU joins "
+        warnings.append(f"warning: {message.split(': ', 1)[1]}; trials wait until {node} joins "
                         "(an autoscaler may add one)")
+
+    # Ray waits, without a word, for resources a private cluster will never have: refused here.
+    cpus = cluster.cpus
+    if workers >= 1 and cpus is not None and workers * cfg.train.cpus_per_worker > cpus:
+        most = int(cpus // cfg.train.cpus_per_worker)
+        shortfall(f"config key 'train.workers': {workers} workers x train.cpus_per_worker "
+                  f"{cfg.train.cpus_per_worker:g} need {workers * cfg.train.cpus_per_worker:g} CPUs, but the Ray "
+                  f"cluster has {cpus:g} (set train.workers to at most {most}"
+                  + (")" if most >= 1 else ", or lower train.cpus_per_worker)"), node="a node with more CPUs")
+    if tune and workers == 0 and cpus is not None and cfg.search.cpus_per_trial > cpus:
+        shortfall(f"config key 'search.cpus_per_trial': {cfg.search.cpus_per_trial:g} CPUs per trial, but the Ray "
+                  f"cluster has {cpus:g} (set search.cpus_per_trial to at most {cpus:g})", node="a node with more CPUs")
 
     if tune and workers == 0:
         asked = cfg.search.gpus_per_trial
@@ -84,6 +97,10 @@ def place(cfg: ExperimentConfig, cluster: Cluster | None, visible_gpus: int = 0,
         if asked > 0 and cluster.gpus == 0:
             shortfall(f"config key 'search.gpus_per_trial': {asked:g} GPUs per trial, but the Ray cluster has no GPU "
                       "(set search.gpus_per_trial=0 or train.device=cpu to train on CPU)")
+        elif asked > cluster.gpus:
+            shortfall(f"config key 'search.gpus_per_trial': {asked:g} GPUs per trial, but the Ray cluster has "
+                      f"{cluster.gpus:g} (set search.gpus_per_trial to at most {cluster.gpus:g})",
+                      node="a node with more GPUs")
         return _checked(cfg, Placement(asked > 0, asked, tuple(warnings)))
 
     if device == "cpu":
@@ -120,7 +137,16 @@ def ray_cluster(joined: bool) -> Cluster:
     """The resources of the Ray cluster this driver is connected to."""
     import ray
 
-    return Cluster(gpus=float(ray.cluster_resources().get("GPU", 0.0)), joined=joined)
+    resources = ray.cluster_resources()
+    return Cluster(gpus=float(resources.get("GPU", 0.0)), joined=joined, cpus=float(resources.get("CPU", 0.0)))
+
+
+def local_cpus() -> float:
+    """The CPUs a private local Ray cluster started here will offer: Ray's own count (its
+    container CPU limits included), known before it starts."""
+    from ray._private.utils import get_num_cpus
+
+    return float(get_num_cpus())
 
 
 def visible_gpus() -> int:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import ExperimentConfig
-from .devices import Cluster, ray_cluster, visible_gpus
+from .devices import Cluster, local_cpus, ray_cluster, visible_gpus
 from .shared_data import SharedSplits
 
 # Ray starts its worker processes at niceness 15 so that its own daemons stay responsive.
@@ -130,7 +130,7 @@ def cluster_of(address: str | None) -> Cluster:
     if address or ray.is_initialized():
         ensure_ray(address)
         return ray_cluster(joined=bool(address))
-    return Cluster(float(visible_gpus()), joined=False)
+    return Cluster(float(visible_gpus()), joined=False, cpus=local_cpus())
 
 
 def torch_trainer(cfg: ExperimentConfig, *, data: SharedSplits, checkpoint_key: str, storage_path: Path | str, name: str,

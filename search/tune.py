@@ -310,7 +310,10 @@ def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """What Ray reserves for a trial of the placed config (search/devices.py)."""
     if cfg.train.workers == 0:
         return {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial}
-    return {"cpu": 0.01}  # the trial only drives its Ray Train workers, which take their own
+    # The trial only drives its Ray Train workers, which take their own. No CPU at all: with
+    # even 0.01 each, a worker group asking for every CPU of a node never fits (Ray reserves
+    # whole bundles) and the search waited forever; a bundle needs some resource: 1 MiB of memory.
+    return {"cpu": 0, "memory": 2**20}
 
 
 def _outcome(layout: Layout, cfg: ExperimentConfig, grid) -> SearchOutcome:

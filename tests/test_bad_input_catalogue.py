@@ -199,6 +199,9 @@ CATALOGUE: dict[str, tuple[Callable[[Env], list[str]], int, tuple[str, ...]]] = 
                            ("config key 'search.space.train.lr'", "at least one value", "got {{'choice': []}}")),
     "empty search range": (lambda e: e.train("search.space={train.lr: {uniform: [0.1, 0.01]}}", command="tune"), 2,
                            ("config key 'search.space.train.lr'", "low <= high", "got [0.1, 0.01]")),
+    "more workers than CPUs": (lambda e: e.train("train.workers=4096", command="tune"), 2,
+                               ("config key 'train.workers'", "4096 workers x train.cpus_per_worker 1 need 4096 CPUs",
+                                "but the Ray cluster has")),
     # --resume goes on with the config its run or experiment started with
     "--set with --resume (tune)": (lambda e: _resumed(e, "tune", "--set", "search.num_samples=8"), 2,
                                    ("--resume {tmp}/exp", "the config it started with ({tmp}/exp/config.yaml)",

@@ -62,6 +62,29 @@ def test_gpus_per_trial_without_gpus_is_refused_locally_and_warned_when_joined()
         place(cfg("search.gpus_per_trial=0", "train.device=cuda"), Cluster(gpus=1), visible_gpus=1, tune=True)
 
 
+def test_more_cpus_or_gpus_than_the_cluster_has_are_refused_locally_and_warned_when_joined():
+    """Ray would wait for them without a word: a worker group, or a trial, larger than a private
+    cluster never starts (a search hung there). A joined cluster may grow: a warning."""
+    with pytest.raises(ConfigError, match=r"'train.workers': 3 workers x train.cpus_per_worker 1 need 3 CPUs, but "
+                                          r"the Ray cluster has 2 \(set train.workers to at most 2\)"):
+        place(cfg("train.workers=3"), Cluster(gpus=0, cpus=2), visible_gpus=0)
+    with pytest.raises(ConfigError, match=r"need 6 CPUs, but the Ray cluster has 2 \(set train.workers to at most 0, "
+                                          r"or lower train.cpus_per_worker\)"):
+        place(cfg("train.workers=2", "train.cpus_per_worker=3"), Cluster(gpus=0, cpus=2), visible_gpus=0, tune=True)
+    assert not place(cfg("train.workers=2"), Cluster(gpus=0, cpus=2), visible_gpus=0, tune=True).warnings
+    joined = place(cfg("train.workers=3"), Cluster(gpus=0, cpus=2, joined=True), visible_gpus=0)
+    assert joined.warnings == ("warning: 3 workers x train.cpus_per_worker 1 need 3 CPUs, but the Ray cluster has 2 "
+                               "(set train.workers to at most 2); trials wait until a node with more CPUs joins "
+                               "(an autoscaler may add one)",)
+    with pytest.raises(ConfigError, match=r"'search.cpus_per_trial': 4 CPUs per trial, but the Ray cluster has 2"):
+        place(cfg("search.cpus_per_trial=4"), Cluster(gpus=0, cpus=2), visible_gpus=0, tune=True)
+    with pytest.raises(ConfigError, match=r"'search.gpus_per_trial': 2 GPUs per trial, but the Ray cluster has 1 "
+                                          r"\(set search.gpus_per_trial to at most 1\)"):
+        place(cfg("search.gpus_per_trial=2"), Cluster(gpus=1, cpus=8), visible_gpus=1, tune=True)
+    assert place(cfg("search.gpus_per_trial=2"), Cluster(gpus=1, cpus=8, joined=True), visible_gpus=1,
+                 tune=True).warnings
+
+
 def test_device_cuda_with_no_gpu_is_refused():
     with pytest.raises(ConfigError, match=r"'train.device': cuda, but the Ray cluster has no GPU"):
         place(cfg("train.device=cuda", "train.workers=1"), Cluster(gpus=0), visible_gpus=0)
@@ -97,3 +120,6 @@ def test_in_process_trials_ask_ray_for_their_gpu_share():
     assert trial_resources(placed) == {"cpu": 2.0, "gpu": 0.25}
     on_cpu = place(cfg(), Cluster(gpus=0), visible_gpus=0, tune=True).apply(cfg())
     assert trial_resources(on_cpu) == {"cpu": 1.0, "gpu": 0.0}
+    # A distributed trial's process only drives its workers: no CPU of theirs (test_tune.py runs
+    # one whose two workers take both CPUs of the cluster).
+    assert trial_resources(cfg("train.workers=2"))["cpu"] == 0

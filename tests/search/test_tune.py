@@ -217,10 +217,12 @@ def test_multi_objective_needs_no_scheduler():
 
 def test_trials_can_nest_ray_train_workers(tmp_path, local_ray):
     """One after the other: Tune reuses no trial's actor for the next (its Ray Train run may still
-    be shutting down when the next trial would reset it, which then failed)."""
+    be shutting down when the next trial would reset it, which then failed). Each trial's two
+    workers take both CPUs of the cluster: the trial's own process takes none (with 0.01 CPU the
+    workers never fitted and the search waited forever; the time budget turns that into a failure)."""
     exp = tmp_path / "nested"
-    run_experiment(tiny(exp, "search.num_samples=2", "train.workers=1", "train.engine=ddp", "train.epochs=1",
-                        "search.cpus_per_trial=1", "search.max_concurrent=1"))
+    run_experiment(tiny(exp, "search.num_samples=2", "train.workers=2", "train.engine=ddp", "train.epochs=1",
+                        "search.max_concurrent=1", "search.time_budget_s=400"))
     reports = [json.loads(p.read_text().splitlines()[0]) for p in Path(Layout(exp).tune_state()).glob("*/result.json")]
     assert len({r["pid"] for r in reports}) == len(reports) == 2, "each trial in a process of its own"
     df = ResultsStore(exp / "results").read()
