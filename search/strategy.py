@@ -11,12 +11,22 @@ from ray.tune.search.optuna import OptunaSearch
 
 from models.space import Dist
 
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 from .layout import Layout
 from .objective import OBJECTIVE, objective_mode
 from .space import tune_domains
 from .study import storage as study_storage
 from .study import uses_study
+
+
+def check_strategy(cfg: ExperimentConfig) -> None:
+    """What the search's scheduler cannot do with this config, said before anything starts."""
+    if cfg.search.scheduler == "pbt" and cfg.train.workers >= 1:
+        # Such a trial resumes its own nested Ray Train run by name, never the checkpoint Tune
+        # hands it: PBT's exploit would change its values and keep its own weights.
+        raise ConfigError(f"config key 'search.scheduler': pbt needs in-process trials (train.workers: 0, got "
+                          f"{cfg.train.workers}): a trial of Ray Train workers goes on from its own checkpoints, so "
+                          "PBT could not give it another trial's weights; use asha or none")
 
 
 def study_metric(cfg: ExperimentConfig) -> str | list[str]:

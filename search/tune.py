@@ -35,7 +35,7 @@ from .rounds import Round, add_round, check_can_add, ended_results, search_round
 from .run import new_run_dir
 from .shared_data import SharedSplits, share_splits
 from .space import space_to_data, tune_domains
-from .strategy import scheduler, searcher, settle_ended_trials, trial_epoch_budget
+from .strategy import check_strategy, scheduler, searcher, settle_ended_trials, trial_epoch_budget
 from .storage import check_location, exists, probe_study
 from .study import asked_trials, study_names, uses_study
 from .study import storage as study_storage
@@ -79,6 +79,7 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
         layout = _new_experiment(cfg)
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(layout.root)})})
     space = cfg.search_space()
+    check_strategy(cfg)
     # Decided before anything is written: a refusal leaves no half-made experiment directory.
     placement = place(cfg, cluster_of(ray_address), visible_gpus(), tune=True)
     if add_trials is not None:

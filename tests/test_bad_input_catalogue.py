@@ -202,6 +202,9 @@ CATALOGUE: dict[str, tuple[Callable[[Env], list[str]], int, tuple[str, ...]]] = 
     "more workers than CPUs": (lambda e: e.train("train.workers=4096", command="tune"), 2,
                                ("config key 'train.workers'", "4096 workers x train.cpus_per_worker 1 need 4096 CPUs",
                                 "but the Ray cluster has")),
+    "PBT over Ray Train trials": (lambda e: e.train("search.scheduler=pbt", "train.workers=1", command="tune"), 2,
+                                  ("config key 'search.scheduler'", "pbt needs in-process trials",
+                                   "train.workers: 0, got 1")),
     # --resume goes on with the config its run or experiment started with
     "--set with --resume (tune)": (lambda e: _resumed(e, "tune", "--set", "search.num_samples=8"), 2,
                                    ("--resume {tmp}/exp", "the config it started with ({tmp}/exp/config.yaml)",
