@@ -416,8 +416,13 @@ def export_cmd(
     """Write the best trials as complete configs; `msa-search train --config FILE` retrains one."""
     from .export import export_best
 
-    for path in export_best(exp, out, top=top, objective=objective):
+    written = export_best(exp, out, top=top, objective=objective)
+    for path in written:
         console.print(f"wrote {path}")
+    if top is not None and len(written) < top:
+        err_console.print(f"note: {len(written)} of the {top} asked for (--top): only {len(written)} trial(s) "
+                          "finished all train.epochs (a multi-objective search's: on its Pareto front)",
+                          highlight=False, soft_wrap=True)
 
 
 @app.command("evaluate")

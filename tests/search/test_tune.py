@@ -189,9 +189,11 @@ def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray, m
     # No study to count its trials: status counts them in Tune's state.
     code, out, err = msa_cli("status", str(exp))
     assert code == 0 and "trials (PBT samples without an Optuna study; Tune's state): terminated 2" in out, err
-    # Its export says that its values alone need not reproduce it (PBT may have changed them).
-    code, out, err = msa_cli("export", str(exp), "--out", str(tmp_path / "best.yaml"))
+    # Its export says that its values alone need not reproduce it (PBT may have changed them);
+    # asked for more trials than finished, it says how many it wrote.
+    code, out, err = msa_cli("export", str(exp), "--out", str(tmp_path / "best.yaml"), "--top", "3")
     assert code == 0 and "PBT may have\n# changed them" in (tmp_path / "best.yaml").read_text(), err
+    assert out.count("wrote ") == 2 and "note: 2 of the 3 asked for (--top): only 2 trial(s) finished" in err
 
 
 def test_the_trial_epoch_budget_counts_epochs(tmp_path, local_ray):
