@@ -270,7 +270,8 @@ def _header_html(inputs: ReportInputs) -> str:
         ("kind", kind),
         ("model", f"{cfg.model.name} on {cfg.data.preset}" + (f" ({cfg.data.path})" if cfg.data.path else "")),
         ("trials so far", f"{len(inputs.scores)} with results; "
-                   + (f"study: {states or 'no trials'}" if inputs.study is not None else "no Optuna study")),
+                   + (f"study: {states or 'no trials'}" if inputs.study is not None else
+                      f"Tune's state: {states} (PBT: no Optuna study)" if states else "no Optuna study")),
         ("epochs reported", f"{int(epochs.sum())} trial-epochs (train.epochs = {cfg.train.epochs})"),
         ("best trial", f"{best.trial_id} at epoch {best.epoch}: {cfg.search.objective} (valid) = {best.objective:.4f}"
                        + ("" if best.finished else " (not finished)")),

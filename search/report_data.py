@@ -20,7 +20,7 @@ from models.metrics import SIMS_METRIC_NAMES
 from models.space import Dist
 
 from .config import ExperimentConfig
-from .export import TrialScore, load_experiment, score_trials, stored_pattern_metrics, trial_states
+from .export import TrialScore, load_experiment, score_trials, stored_pattern_metrics, trial_states, tune_trial_states
 from .layout import Layout
 from .objective import held_out_patterns as objective_held_out
 from .objective import objective_mode, objective_value, pareto_front
@@ -51,7 +51,7 @@ class ReportInputs:
     metric: str  # what the curves, heat map and per-pattern importance show
     study: "optuna.Study | None"
     no_study: str  # why `study` is None ("" when there is one)
-    states: dict[str, int]  # trials by state (empty without a study)
+    states: dict[str, int]  # trials by state: the study's (PBT: Tune's saved state; a run: empty)
 
     @property
     def best(self) -> TrialScore:
@@ -68,7 +68,8 @@ def load_inputs(exp_dir: str | Path, metric: str = "f1_non0") -> ReportInputs:
         raise MsaSearchError(f"--metric {metric}: not in the results; choose one of {', '.join(metrics)}")
     study, no_study = _load_study(layout) if uses_study(cfg) else \
         (None, "a PBT search (search.scheduler: pbt) samples without an Optuna study")
-    states = trial_states(layout, study) if study is not None else {}
+    states = trial_states(layout, study) if study is not None else \
+        tune_trial_states(layout) if layout.is_experiment and not uses_study(cfg) else {}
     return ReportInputs(layout, cfg, df, score_trials(layout, cfg, df), metric, study, no_study, states)
 
 

@@ -194,6 +194,9 @@ def test_pbt_runs_trials_to_the_end_with_complete_results(tmp_path, local_ray, m
     code, out, err = msa_cli("export", str(exp), "--out", str(tmp_path / "best.yaml"), "--top", "3")
     assert code == 0 and "PBT may have\n# changed them" in (tmp_path / "best.yaml").read_text(), err
     assert out.count("wrote ") == 2 and "note: 2 of the 3 asked for (--top): only 2 trial(s) finished" in err
+    code, out, err = msa_cli("report", str(exp), "--out", str(tmp_path / "report.html"))
+    assert code == 0 and "Tune&#x27;s state: 2 terminated (PBT: no Optuna study)" in \
+        (tmp_path / "report.html").read_text(), err
 
 
 def test_the_trial_epoch_budget_counts_epochs(tmp_path, local_ray):
