@@ -52,8 +52,13 @@ def checkpoint_file(path: Path) -> Path:
     layout = Layout(path)
     if layout.last_checkpoint.is_file():
         return layout.last_checkpoint
+    # A Tune trial of Ray Train workers keeps its checkpoints in its nested run's directory,
+    # beside Tune's: <experiment or output.storage>/trials/<trial id>/checkpoint_<time>.
+    nested = Layout(path.parent.parent.parent).nested_trials / checkpoint_name(path) \
+        if (path / "result.json").is_file() else path
     newest = [max((p for p in pattern if p.is_dir()), default=path)
-              for pattern in (layout.checkpoints.glob("*/checkpoint_*"), path.glob("checkpoint_*"))]
+              for pattern in (layout.checkpoints.glob("*/checkpoint_*"), path.glob("checkpoint_*"),
+                              Path(nested).glob("checkpoint_*"))]
     for directory in [path, *newest]:
         for name in RAY_CHECKPOINT_FILES:
             if (directory / name).is_file():
@@ -64,7 +69,8 @@ def checkpoint_file(path: Path) -> Path:
                              f"({', '.join(str(path / r) for r in runs) or 'none started yet'})")
     if layout.is_experiment:
         raise MsaSearchError(f"{path}: a search; name one of its trials' directories ({path}/ray/tune*/*_<trial id>_*, "
-                             f"its newest checkpoint) or retrain a trial's config (msa-search export)")
+                             f"its newest checkpoint, or {path}/trials/<trial id> for a trial of Ray Train workers) "
+                             "or retrain a trial's config (msa-search export)")
     raise MsaSearchError(f"{path}: a directory without a checkpoint (expected a run directory with "
                          f"checkpoints/last.pt or checkpoints/*/checkpoint_*/, a Tune trial directory with "
                          f"checkpoint_*/, or a Ray checkpoint directory with {', '.join(RAY_CHECKPOINT_FILES)})")

@@ -239,6 +239,16 @@ def test_trials_can_nest_ray_train_workers(tmp_path, local_ray):
     valid = df[(df.split == "valid") & df.pattern.isin(patterns)]
     from_rows = sorted(valid.groupby("trial_id").f1_non0.mean())
     assert sorted(t.values[0] for t in study.trials) == pytest.approx(from_rows, abs=1e-9)
+    # `evaluate --checkpoint TRIAL_DIR` of such a trial: Tune's directory holds no checkpoint,
+    # its nested run's does (EXP/trials/<id>/checkpoint_<time>): the newest is read from there.
+    trial_dir = next(Path(Layout(exp).tune_state()).glob(f"*_{study.trials[0].user_attrs['tune_trial_id']}_*"))
+    assert not list(trial_dir.glob("checkpoint_*"))
+    trial_id = checkpoint_name(trial_dir)
+    newest = max(p for p in (Path(Layout(exp).nested_trials) / trial_id).glob("checkpoint_*") if p.is_dir())
+    weights = read_checkpoint(trial_dir)
+    assert weights.keys() == read_checkpoint(newest).keys()
+    for name, weight in read_checkpoint(newest).items():
+        assert torch.equal(weights[name], weight), name
 
 
 def test_a_deferred_test_grid_is_evaluated_after_the_search_as_in_the_trial(tmp_path, local_ray):
