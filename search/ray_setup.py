@@ -134,7 +134,7 @@ def cluster_of(address: str | None) -> Cluster:
 
 
 def torch_trainer(cfg: ExperimentConfig, *, data: SharedSplits, checkpoint_key: str, storage_path: Path | str, name: str,
-                  callbacks: list, init_weights=None, in_search: bool = False):
+                  callbacks: list, init_weights=None, in_search: bool = False, start_from=None):
     """A TorchTrainer of `train.workers` workers running search/worker.py on the shared splits `data`.
 
     `cfg` is the driver's placed config (search/devices.py): train.device is cpu or cuda, and
@@ -142,7 +142,9 @@ def torch_trainer(cfg: ExperimentConfig, *, data: SharedSplits, checkpoint_key: 
     checkpoint staging directories (unique per run); Ray Train keeps its checkpoints under
     `storage_path/name`. `init_weights`: an object-store reference to the state dict every
     worker starts from (search/weights.py), or None. `in_search`: a search's trial (its
-    test grid follows search/evaluation_plan.py's search default)."""
+    test grid follows search/evaluation_plan.py's search default). `start_from`: a checkpoint
+    of an earlier run the run goes on from while it has none of its own (search/nested_runs.py;
+    Ray Train V2 has no resume_from_checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -155,7 +157,7 @@ def torch_trainer(cfg: ExperimentConfig, *, data: SharedSplits, checkpoint_key: 
         worker_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "data": data,
                            "checkpoint_key": checkpoint_key, "init_weights": init_weights,
-                           "in_search": in_search},
+                           "in_search": in_search, "start_from": start_from},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

@@ -17,6 +17,7 @@ import torch
 from .config import TRIAL_CONTEXT, ExperimentConfig
 from .evaluation_plan import ending_epochs, resolved_policy
 from .layout import Layout
+from .nested_runs import nested_start
 from .ray_setup import torch_trainer
 from .results import EpochReport, epoch_metrics
 from .shared_data import DATA_PRIVATE_MB, SharedSplits
@@ -92,12 +93,16 @@ def in_process_trial(params: dict, base: dict, data: SharedSplits) -> None:
 
 
 def distributed_trial(params: dict, base: dict, data: SharedSplits) -> None:
-    """train.workers >= 1: a nested Ray Train run per trial."""
+    """train.workers >= 1: a nested Ray Train run per trial; a restarted trial goes on from the
+    newest checkpoint whose epoch the search recorded (search/nested_runs.py)."""
     from ray import tune
+    from ray.train import Checkpoint
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(params, base)
     trial_id = tune.get_context().get_trial_id()
-    torch_trainer(cfg, data=data, checkpoint_key=trial_id, name=trial_id,
-                  storage_path=Layout(Path(cfg.output.dir)).with_config(cfg).nested_trials,
-                  callbacks=[TuneReportCallback()], in_search=True).fit()
+    layout = Layout(Path(cfg.output.dir)).with_config(cfg)
+    start = nested_start(layout, trial_id)
+    torch_trainer(cfg, data=data, checkpoint_key=trial_id, name=start.name, storage_path=layout.nested_trials,
+                  callbacks=[TuneReportCallback()], in_search=True,
+                  start_from=None if start.start_from is None else Checkpoint(start.start_from)).fit()

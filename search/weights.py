@@ -52,13 +52,15 @@ def checkpoint_file(path: Path) -> Path:
     layout = Layout(path)
     if layout.last_checkpoint.is_file():
         return layout.last_checkpoint
-    # A Tune trial of Ray Train workers keeps its checkpoints in its nested run's directory,
-    # beside Tune's: <experiment or output.storage>/trials/<trial id>/checkpoint_<time>.
-    nested = Layout(path.parent.parent.parent).nested_trials / checkpoint_name(path) \
-        if (path / "result.json").is_file() else path
-    newest = [max((p for p in pattern if p.is_dir()), default=path)
+    # A Tune trial of Ray Train workers keeps its checkpoints in its nested runs, beside Tune's
+    # directory: <experiment or output.storage>/trials/<trial id>[-<n>]/checkpoint_<time>
+    # (search/nested_runs.py); the names sort in time.
+    trial = checkpoint_name(path) if (path / "result.json").is_file() else None
+    nested = Path(Layout(path.parent.parent.parent).nested_trials)
+    runs = [nested / trial, *nested.glob(f"{trial}-*")] if trial else []
+    newest = [max((p for p in pattern if p.is_dir()), default=path, key=lambda p: p.name)
               for pattern in (layout.checkpoints.glob("*/checkpoint_*"), path.glob("checkpoint_*"),
-                              Path(nested).glob("checkpoint_*"))]
+                              (c for run in runs for c in run.glob("checkpoint_*")))]
     for directory in [path, *newest]:
         for name in RAY_CHECKPOINT_FILES:
             if (directory / name).is_file():

@@ -6,6 +6,7 @@ the predictions, and reports metrics + per-pattern results + a checkpoint every 
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ from data_pipeline.presets import EVALUATED_SPLITS
 
 from .config import TRIAL_CONTEXT, ExperimentConfig
 from .evaluation_plan import TestGridPlan
+from .nested_runs import EPOCH_FILE
 from .evaluate import ShardPredictions, pattern_metrics, predict_patterns, scatter_rows, split_fingerprint
 from .optim import DeepSpeedStep, OptimizerStep
 from .results import EpochReport, EpochResults, epoch_metrics
@@ -52,7 +54,7 @@ def worker_loop(loop_config: dict) -> None:
     state = build_state(cfg, splits["train"], me.device, world_size=me.world_size,
                         init_weights=None if init is None else ray.get(init))
     engine, step = setup_engine(state, cfg)
-    resume_from_checkpoint(state, engine, me.device)
+    resume_from_checkpoint(state, engine, me.device, loop_config.get("start_from"))
     splits = stage_splits(splits, me.device)
     # DeepSpeed's engine runs its forward under its own torch_autocast (deepspeed_config); the
     # losses, outside the engine, need the same context (the engine's nested one matches it).
@@ -131,11 +133,12 @@ def setup_engine(state: TrainState, cfg: ExperimentConfig):
     return None, OptimizerStep(state.model, state.optimizer, state.scheduler, cfg)
 
 
-def resume_from_checkpoint(state: TrainState, engine, device: torch.device) -> None:
-    """Continue from Ray Train's latest checkpoint, if any: state.epoch becomes the next epoch."""
+def resume_from_checkpoint(state: TrainState, engine, device: torch.device, start_from=None) -> None:
+    """Continue from this run's latest checkpoint, else from `start_from` (an earlier run's,
+    search/nested_runs.py), if any: state.epoch becomes the next epoch."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or start_from
     if checkpoint is None:
         return
     with checkpoint.as_directory() as ckpt_dir:
@@ -212,6 +215,8 @@ def report_epoch(state: TrainState, engine, cfg: ExperimentConfig, report: Epoch
                                client_state={"epoch": report.epoch, "best_objectives": state.best_objectives})
     elif me.rank == 0:
         save_state(state, ckpt_dir / CLIENT_STATE_FILE)  # state.epoch is already the next epoch
+    if me.rank == 0:  # which epoch it holds, read without loading it (search/nested_runs.py)
+        (ckpt_dir / EPOCH_FILE).write_text(json.dumps({"epoch": report.epoch}))
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
     if me.world_size > 1:
         dist.barrier()  # every rank has uploaded before the shared directory goes
