@@ -278,7 +278,6 @@ def tune_cmd(
     Shows a live view of the search on stderr. Exits non-zero when no trial completed (the
     first failure's reason is on stderr)."""
     from .config import load_config
-    from .layout import Layout
     from .tune import run_experiment
 
     if add_trials is not None and resume is None:
@@ -315,9 +314,7 @@ def tune_cmd(
     if not outcome.any_completed:
         raise MsaSearchError(f"no trial completed ({counts}); first failure: {outcome.first_failure or 'unknown'}; "
                              f"details in {outcome.exp_dir}")
-    _print_status(outcome.exp_dir)
-    layout = Layout(outcome.exp_dir)
-    layout = layout.with_config(load_config(layout.config, stored=True))
+    layout = _print_status(outcome.exp_dir)
     console.print(f"experiment: {outcome.exp_dir} ({layout.summary()}); "
                   f"next: msa-search export {outcome.exp_dir} --out {outcome.exp_dir}/best.yaml", soft_wrap=True)
 
@@ -355,7 +352,8 @@ def _refuse_unwritable_output(cfg) -> None:
                           f"({cfg.output.dir}), found {reason}")
 
 
-def _print_status(exp: Path, cut_off_line: bool = True) -> None:
+def _print_status(exp: Path, cut_off_line: bool = True):
+    """Print the experiment's (or run's) state; returns its Layout, storage set from its config."""
     from .driver_presence import driver_state
     from .evaluation_plan import POLICY_EPOCHS, resolved_policy
     from .export import (load_experiment, pattern_table, score_trials, stored_pattern_metrics, trial_states,
@@ -383,7 +381,7 @@ def _print_status(exp: Path, cut_off_line: bool = True) -> None:
         console.print(f"run directory (msa-search train or evaluate; no study): {stored} epoch"
                       f"{'' if stored == 1 else 's'} stored, of train.epochs {cfg.train.epochs}")
     if df.empty:
-        return
+        return layout
     best = score_trials(layout, cfg, df)[0]
     console.print(f"best so far: trial {best.trial_id} epoch {best.epoch} "
                   f"{cfg.search.objective} (valid) {best.objective:.4f}")
@@ -397,6 +395,7 @@ def _print_status(exp: Path, cut_off_line: bool = True) -> None:
     console.print(pattern_table(f"trial {best.trial_id}, epoch {best.epoch} (* = held out of the objective)",
                                 results, cfg.missing.eval_grid,
                                 held_out_patterns(cfg.missing.eval_grid, cfg.search.objective_patterns)))
+    return layout
 
 
 @app.command("status")

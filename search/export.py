@@ -3,6 +3,7 @@ store, Optuna study and per-trial parameters (search/layout.py names them all)."
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,21 +114,10 @@ def trial_states(layout: Layout, study=None) -> dict[str, int]:
 def tune_trial_states(layout: Layout) -> dict[str, int]:
     """A search without an Optuna study (PBT samples without one): its trials by state as Tune's
     saved state has them, read without Ray; empty when there is none (yet) or it cannot be read."""
-    from ray import tune
+    from .rounds import saved_analysis
 
-    from .storage import exists
-
-    state = layout.tune_state()
-    if not exists(state):
-        return {}
-    try:
-        trials = tune.ExperimentAnalysis(str(state)).trials
-    except Exception:  # noqa: BLE001 (status shows what it can; a resume says why Tune cannot read it)
-        return {}
-    counts: dict[str, int] = {}
-    for trial in trials:
-        counts[trial.status.lower()] = counts.get(trial.status.lower(), 0) + 1
-    return counts
+    analysis = saved_analysis(layout)  # a PBT search has one round (no --add-trials)
+    return dict(Counter(t.status.lower() for t in analysis.trials)) if analysis is not None else {}
 
 
 def exported_trials(layout: Layout, cfg: ExperimentConfig, df: pd.DataFrame, top: int | None = None,

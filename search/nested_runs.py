@@ -38,11 +38,11 @@ def nested_start(layout: Layout, trial_id: str) -> NestedStart:
     filesystem_, base = filesystem(root)
     if filesystem_.get_file_info(base).type != fs.FileType.Directory:
         return NestedStart(trial_id, None)  # a trial's first start (the usual case): nothing to read
-    runs = sorted(info.base_name for info in filesystem_.get_file_info(fs.FileSelector(base))
-                  if info.type == fs.FileType.Directory and _run_index(info.base_name, trial_id) is not None)
+    runs = sorted((info.base_name for info in filesystem_.get_file_info(fs.FileSelector(base))
+                   if info.type == fs.FileType.Directory and run_index(info.base_name, trial_id) is not None),
+                  key=lambda name: run_index(name, trial_id))
     if not runs:
         return NestedStart(trial_id, None)
-    runs.sort(key=lambda name: _run_index(name, trial_id))
     checkpoints = []  # (epoch, run index, checkpoint name, run)
     for run in runs:
         for info in filesystem_.get_file_info(fs.FileSelector(f"{base}/{run}")):
@@ -53,7 +53,7 @@ def nested_start(layout: Layout, trial_id: str) -> NestedStart:
                     epoch = int(json.loads(fh.read())["epoch"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # saved before epoch.json existed, or half-written: not a start point
-            checkpoints.append((epoch, _run_index(run, trial_id), info.base_name, run))
+            checkpoints.append((epoch, run_index(run, trial_id), info.base_name, run))
     if not checkpoints:
         return NestedStart(runs[-1], None)  # Ray Train resumes it by name, as it always did
     recorded = _recorded_epoch(layout, trial_id)
@@ -62,12 +62,13 @@ def nested_start(layout: Layout, trial_id: str) -> NestedStart:
         return NestedStart(runs[-1], None)  # its own newest is recorded: resumed by name
     usable = [c for c in checkpoints if c[0] <= recorded]
     start = max(usable) if usable else None
-    name = f"{trial_id}-{_run_index(runs[-1], trial_id) + 1}"
+    name = f"{trial_id}-{run_index(runs[-1], trial_id) + 1}"
     return NestedStart(name, None if start is None else join(root, start[3], start[2]))
 
 
-def _run_index(name: str, trial_id: str) -> int | None:
-    """0 for the trial's first run (named as the trial), n for `<trial id>-<n>`, else None."""
+def run_index(name: str, trial_id: str) -> int | None:
+    """Which of the trial's nested runs the directory `name` is: 0 for its first (named as the
+    trial), n for `<trial id>-<n>`, else None (another trial's)."""
     if name == trial_id:
         return 0
     head, _, index = name.rpartition("-")

@@ -66,10 +66,12 @@ def load_inputs(exp_dir: str | Path, metric: str = "f1_non0") -> ReportInputs:
     metrics = [m for m in SIMS_METRIC_NAMES if m in df.columns]
     if metric not in metrics:
         raise MsaSearchError(f"--metric {metric}: not in the results; choose one of {', '.join(metrics)}")
-    study, no_study = _load_study(layout) if uses_study(cfg) else \
-        (None, "a PBT search (search.scheduler: pbt) samples without an Optuna study")
-    states = trial_states(layout, study) if study is not None else \
-        tune_trial_states(layout) if layout.is_experiment and not uses_study(cfg) else {}
+    if uses_study(cfg):
+        study, no_study = _load_study(layout)
+        states = trial_states(layout, study) if study is not None else {}
+    else:
+        study, no_study = None, "a PBT search (search.scheduler: pbt) samples without an Optuna study"
+        states = tune_trial_states(layout) if layout.is_experiment else {}
     return ReportInputs(layout, cfg, df, score_trials(layout, cfg, df), metric, study, no_study, states)
 
 

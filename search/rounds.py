@@ -74,21 +74,30 @@ def ended_results(layout: Layout, cfg: ExperimentConfig) -> list | None:
     here: the resume then goes the usual way, with Ray."""
     from ray import tune
 
-    from .storage import exists
-
     results = []
     for round_ in search_rounds(layout, cfg):
-        state = layout.tune_state(round_.index)
-        if not exists(state):
-            return None
-        try:
-            analysis = tune.ExperimentAnalysis(str(state))
-        except Exception:  # noqa: BLE001 (unreadable here: Tune itself says why on restore)
-            return None
-        if len(analysis.trials) < round_.trials or any(t.status not in ENDED for t in analysis.trials):
+        analysis = saved_analysis(layout, round_.index)
+        if analysis is None or len(analysis.trials) < round_.trials or \
+                any(t.status not in ENDED for t in analysis.trials):
             return None
         results += list(tune.ResultGrid(analysis))
     return results
+
+
+def saved_analysis(layout: Layout, round_index: int = 0):
+    """Tune's saved state of one round (a `tune.ExperimentAnalysis`), read without Ray; None
+    where there is none yet or it cannot be read here (Tune itself says why on restore)."""
+    from ray import tune
+
+    from .storage import exists
+
+    state = layout.tune_state(round_index)
+    if not exists(state):
+        return None
+    try:
+        return tune.ExperimentAnalysis(str(state))
+    except Exception:  # noqa: BLE001 (unreadable here: Tune itself says why on restore)
+        return None
 
 
 def _added(layout: Layout) -> list[int]:

@@ -27,6 +27,7 @@ from models.registry import get_model, model_names
 
 from .config import ExperimentConfig
 from .layout import Layout
+from .nested_runs import run_index
 from .trainer import load_checkpoint
 
 StateDict = dict[str, torch.Tensor]
@@ -57,7 +58,8 @@ def checkpoint_file(path: Path) -> Path:
     # (search/nested_runs.py); the names sort in time.
     trial = checkpoint_name(path) if (path / "result.json").is_file() else None
     nested = Path(Layout(path.parent.parent.parent).nested_trials)
-    runs = [nested / trial, *nested.glob(f"{trial}-*")] if trial else []
+    runs = [run for run in nested.iterdir() if run_index(run.name, trial) is not None] \
+        if trial and nested.is_dir() else []
     newest = [max((p for p in pattern if p.is_dir()), default=path, key=lambda p: p.name)
               for pattern in (layout.checkpoints.glob("*/checkpoint_*"), path.glob("checkpoint_*"),
                               (c for run in runs for c in run.glob("checkpoint_*")))]
