@@ -25,7 +25,7 @@ from data_pipeline.schema import DataSpec
 from models.entry import ModelEntry
 from models.registry import get_model, model_names
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, load_config
 from .layout import Layout
 from .nested_runs import run_index
 from .trainer import load_checkpoint
@@ -72,12 +72,29 @@ def checkpoint_file(path: Path) -> Path:
         raise MsaSearchError(f"{path}: a seed group, one run per seed; name one of its runs "
                              f"({', '.join(str(path / r) for r in runs) or 'none started yet'})")
     if layout.is_experiment:
-        raise MsaSearchError(f"{path}: a search; name one of its trials' directories ({path}/ray/tune*/*_<trial id>_*, "
-                             f"its newest checkpoint, or {path}/trials/<trial id> for a trial of Ray Train workers) "
-                             "or retrain a trial's config (msa-search export)")
+        stored = _stored(layout)  # its trials' directories are in output.storage when set
+        raise MsaSearchError(f"{path}: a search; name one of its trials' directories ({local(stored.ray)}/tune*/*_<trial "
+                             f"id>_*, its newest checkpoint, or {local(stored.nested_trials)}/<trial id> for a trial of "
+                             "Ray Train workers) or retrain a trial's config (msa-search export)")
     raise MsaSearchError(f"{path}: a directory without a checkpoint (expected a run directory with "
                          f"checkpoints/last.pt or checkpoints/*/checkpoint_*/, a Tune trial directory with "
                          f"checkpoint_*/, or a Ray checkpoint directory with {', '.join(RAY_CHECKPOINT_FILES)})")
+
+
+def _stored(layout: Layout) -> Layout:
+    """The experiment's layout with the storage its config names (as it was, where the config
+    cannot be read: this only words an error)."""
+    try:
+        return layout.with_config(load_config(layout.config))
+    except Exception:  # noqa: BLE001
+        return layout
+
+
+def local(location: Path | str) -> str:
+    """A storage location as --checkpoint takes it: file:// URIs as paths (others stay URIs,
+    to be copied here first)."""
+    location = str(location)
+    return location[len("file://"):] if location.startswith("file://") else location
 
 
 def checkpoint_name(path: Path) -> str:

@@ -100,6 +100,10 @@ def test_bad_checkpoints_and_configs_fail_with_one_line(checkpoints, run_cli, tm
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "optuna.db").touch()  # what marks a search's directory
+    stored = tmp_path / "stored"  # a search whose trials live in output.storage (a file:// URI)
+    stored.mkdir()
+    (stored / "optuna.db").touch()
+    (stored / "config.yaml").write_text(load_config(CONFIG, [*TINY, f"output.storage=file://{tmp_path}/store"]).to_yaml())
     fresh, reference = str(checkpoints / "fresh.pt"), str(checkpoints / "reference.pth")
     cases = [
         (["evaluate", "--checkpoint", "junk.pt", "--config", str(CONFIG), *SET], "not a PyTorch checkpoint"),
@@ -108,6 +112,8 @@ def test_bad_checkpoints_and_configs_fail_with_one_line(checkpoints, run_cli, tm
          "a directory without a checkpoint"),
         (["evaluate", "--checkpoint", str(tmp_path / "exp"), "--config", str(CONFIG), *SET],
          "a search; name one of its trials' directories"),
+        (["evaluate", "--checkpoint", str(stored), "--config", str(CONFIG), *SET],
+         f"({tmp_path}/store/stored/ray/tune*/*_<trial id>_*, its newest checkpoint, or {tmp_path}/store/stored/trials/"),
         (["evaluate", "--checkpoint", fresh, "--config", str(CONFIG), *SET, "--set", "model.hidden_dim=48"],
          "has shape"),
         (["evaluate", "--checkpoint", reference, "--config", str(ROOT / "configs" / "hrlf_quick.yaml"), *SET],
