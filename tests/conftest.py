@@ -16,10 +16,26 @@ def pytest_configure(config):
     private cluster would (search/ray_setup.py). Otherwise the two workers' first clusters can
     each write a token of their own at once, and one cluster then reads the other's."""
     if hasattr(config, "workerinput"):  # an xdist worker: the controller did it
+        _share_the_cores(int(config.workerinput["workercount"]))
         return
     from search.ray_setup import owner_only_token
 
     owner_only_token()
+
+
+def _share_the_cores(workers: int) -> None:
+    """Each xdist worker's torch ops (and its subprocesses', through OMP_NUM_THREADS) run on its
+    share of the cores. torch's default is every core: two workers on 2 cores then ran 2-thread
+    ops that each waited at every barrier for a thread the other worker held (measured,
+    2026-11-30, 2-vCPU AMD EPYC: tests/search/test_evaluate_and_train.py beside a one-core busy
+    loop took 104 s at 2 threads, 79 s at 1). Tests about thread counts set their own."""
+    import os
+
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,16 @@ from models.metrics import msa_metrics
 from search.config import ExperimentConfig
 from search.evaluate import evaluate_patterns, predict_patterns
 from search.trainer import TrainingDiverged, build_state, fit, train_epoch
+from small_grid import EVAL_GRID
 
 SMALL_MODEL = {"hidden_dim": 32, "num_heads": 4, "dim_head": 16, "mlp_dim": 32, "lnln": {"tokens": 4}}
 
 
-def small_cfg(**train) -> ExperimentConfig:
+def small_cfg(eval_grid: list[str] | None = None, **train) -> ExperimentConfig:
+    """`eval_grid`: tests about training mechanics evaluate tests/small_grid.py's 4 patterns;
+    those about evaluation, the default 16."""
     return ExperimentConfig.model_validate({
-        "model": SMALL_MODEL,
+        "model": SMALL_MODEL, **({"missing": {"eval_grid": eval_grid}} if eval_grid else {}),
         "train": {"epochs": 4, "batch_size": 32, "lr": 2e-3, "device": "cpu", **train},
     })
 
@@ -31,7 +34,7 @@ def aligned_splits():
 
 @pytest.fixture(scope="module")
 def trained(aligned_splits):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # its numbers (and the learning thresholds) at one thread count, as in the suite
     cfg = small_cfg()
     return cfg, fit(cfg, aligned_splits, device=torch.device("cpu"))
 
@@ -47,9 +50,9 @@ def test_evaluator_returns_one_row_per_grid_pattern_in_order(trained, aligned_sp
 def test_sixteen_patterns_in_one_call_equal_sixteen_separate_calls(trained, aligned_splits):
     cfg, state = trained
     patterns = cfg.missing.patterns()
-    together = evaluate_patterns(state.model, aligned_splits["test"], patterns, seed=5, batch_size=50)
+    together = evaluate_patterns(state.model, aligned_splits["valid"], patterns, seed=5, batch_size=30)
     for pattern in patterns:
-        alone = evaluate_patterns(state.model, aligned_splits["test"], [pattern], seed=5, batch_size=64)
+        alone = evaluate_patterns(state.model, aligned_splits["valid"], [pattern], seed=5, batch_size=40)
         assert alone[pattern.name] == pytest.approx(together[pattern.name], abs=1e-6)
 
 
@@ -74,7 +77,7 @@ def test_reused_encodings_give_the_same_predictions_from_fewer_encoder_passes(tr
         runs = {}
         for reuse in (False, True):
             calls.clear()
-            runs[reuse] = predict_patterns(state.model, aligned_splits["test"], patterns, seed=5,
+            runs[reuse] = predict_patterns(state.model, aligned_splits["valid"], patterns, seed=5,
                                            batch_size=1000, reuse_encodings=reuse)
             runs[reuse, "calls"] = len(calls)
     finally:
@@ -114,7 +117,7 @@ def test_training_history_reports_every_term_and_epoch(trained):
 def test_same_seed_gives_identical_metrics(aligned_splits):
     # Holds on CPU at one thread count. On a GPU it needs train.deterministic (attention
     # backward kernels accumulate with atomics: measured 2.7e-7 apart on an H200 without it).
-    cfg = small_cfg(epochs=1)
+    cfg = small_cfg(epochs=1, eval_grid=EVAL_GRID)
     a = fit(cfg, aligned_splits, device=torch.device("cpu")).history[-1]
     b = fit(cfg, aligned_splits, device=torch.device("cpu")).history[-1]
     assert a.losses == b.losses
@@ -152,7 +155,7 @@ def test_a_run_resumed_from_its_checkpoint_trains_as_if_it_never_stopped(aligned
     from search.trainer import load_state, save_state
 
     cfg = ExperimentConfig.model_validate({
-        "model": {**SMALL_MODEL, "dropout": 0.2},
+        "model": {**SMALL_MODEL, "dropout": 0.2}, "missing": {"eval_grid": EVAL_GRID},
         "train": {"epochs": 2, "batch_size": 32, "lr": 2e-3, "device": "cpu"}})
     cpu = torch.device("cpu")
     straight = fit(cfg, aligned_splits, device=cpu)
