@@ -89,9 +89,12 @@ def unwritable(path: Path, inside: bool = False) -> str | None:
     return None
 
 
-def refuse_existing(path: Path, force: bool) -> None:
+def refuse_existing(path: Path, force: bool, file: bool = False) -> None:
     """Fail early (the CLI, before any long work) when `path` exists and replacing it was not
-    asked for, or when it cannot be made."""
+    asked for, or when it cannot be made. `file`: the output is a file, so an existing
+    directory there is refused even with `force` (it would not be replaced)."""
+    if file:
+        _refuse_directory(path)
     _refuse_if_exists(path, force)
     reason = unwritable(path)
     if reason:
@@ -103,19 +106,29 @@ def _refuse_if_exists(path: Path, force: bool) -> None:
         raise OutputExistsError(f"{path}: already exists; choose another output or pass --force to replace it")
 
 
+def _refuse_directory(path: Path) -> None:
+    if Path(path).is_dir():
+        raise OutputNotWritableError(f"{path}: a directory, and this output is a file; name a file (in that "
+                                     "directory or elsewhere)")
+
+
 @contextmanager
 def atomic_file(path: Path, force: bool = False):
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+    Its own failures (making the temporary file, the rename) name `path`, not the temporary."""
     path = Path(path)
+    _refuse_directory(path)
     _refuse_if_exists(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
+        with writing(path):
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+            os.replace(tmp, path)
     finally:
         _discard(tmp)
 

@@ -79,7 +79,7 @@ def data_synth(
     from data_pipeline.store import write_store
     from data_pipeline.synth import split_sizes, synthesize
 
-    refuse_existing(out, force)
+    refuse_existing(out, force, file=format is DataFormat.mmsa_pkl)
     sizes = split_sizes(preset.value, scale)
     with _progress() as progress:
         task = progress.add_task(f"synthesizing {preset.value}", total=sum(sizes.values()) + 1)
@@ -127,7 +127,7 @@ def data_export(
 
     if format is not DataFormat.mmsa_pkl:
         raise MsaSearchError(f"--format {format.value}: {store} is a Parquet store already; export writes mmsa-pkl")
-    refuse_existing(out, force)
+    refuse_existing(out, force, file=True)
     with _progress() as progress:
         task = progress.add_task(f"reading {store.name}", total=2)
         dataset = read_store(store)
@@ -415,6 +415,7 @@ def export_cmd(
     """Write the best trials as complete configs; `msa-search train --config FILE` retrains one."""
     from .export import export_best
 
+    refuse_existing(out, force=True, file=True)  # before reading the experiment
     written = export_best(exp, out, top=top, objective=objective)
     for path in written:
         console.print(f"wrote {path}")
@@ -484,6 +485,8 @@ def report_cmd(
     printed and written to --out."""
     from .config import ConfigError
 
+    if out is not None:
+        refuse_existing(out, force=True, file=True)  # before reading the experiment
     if protocol is not Protocol.search:
         for given, name in ((metric is not None, "--metric"), (watch, "--watch")):
             if given:

@@ -130,6 +130,16 @@ def _not_a_directory(env: Env, command: str) -> list[str]:
     return env.train(f"output.dir={env.tmp / 'afile' / 'run'}", command=command)
 
 
+def _directory_as_file(env: Env, command: str) -> list[str]:
+    """An output file named by an existing directory (with --force, which replaces files)."""
+    (env.tmp / "adir").mkdir()
+    (env.tmp / "adir" / "keep.txt").write_text("kept")
+    if command == "export":
+        return ["export", str(env.tmp / "exp"), "--out", str(env.tmp / "adir")]
+    return ["data", "synth", "--preset", "mosi", "--scale", "0.01", "--format", "mmsa-pkl", "--out",
+            str(env.tmp / "adir"), "--force"]
+
+
 def _read_only_dir(env: Env) -> list[str]:
     (env.tmp / "ro").mkdir(mode=0o555)
     return env.train(f"output.dir={env.tmp / 'ro' / 'run'}")
@@ -220,6 +230,10 @@ CATALOGUE: dict[str, tuple[Callable[[Env], list[str]], int, tuple[str, ...]]] = 
     "unwritable output dir (convert)": (lambda e: _not_a_directory(e, "convert"), 1,
                                         ("{tmp}/afile/out", "expected an output in a writable directory",
                                          "found {tmp}/afile is a file")),
+    "a directory for an output file (export)": (lambda e: _directory_as_file(e, "export"), 1,
+                                                ("{tmp}/adir: a directory, and this output is a file", "name a file")),
+    "a directory for an output file (synth)": (lambda e: _directory_as_file(e, "synth"), 1,
+                                               ("{tmp}/adir: a directory, and this output is a file",)),
     "unwritable output dir (read-only)": (_read_only_dir, 2, ("config key 'output.dir'", "{tmp}/ro is not writable")),
     "Grafana unreachable": (_grafana_unreachable, 1, ("cannot reach Grafana at {url}", "Connection refused")),
     "Prometheus absent": (_prometheus_absent, 1,
