@@ -22,6 +22,7 @@ from grafana_foundation_sdk.models.dashboard import (DashboardCursorSync, DataSo
                                                      VariableRefresh, VariableSort)
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
+from data_pipeline.atomic import OutputNotWritableError, unwritable, writing
 from data_pipeline.missing import default_eval_grid
 from models.metrics import SIMS_METRIC_NAMES
 
@@ -298,10 +299,14 @@ def render(prometheus_url: str = DEFAULT_PROMETHEUS_URL, grafana_dir: str = DEFA
 def write_dashboards(out_dir: Path, prometheus_url: str = DEFAULT_PROMETHEUS_URL,
                      grafana_dir: str = DEFAULT_GRAFANA_DIR) -> list[Path]:
     """Writes the dashboard JSON and the provisioning files under `out_dir`; returns their paths."""
+    reason = unwritable(Path(out_dir), inside=True)
+    if reason:
+        raise OutputNotWritableError(f"{out_dir}: expected a directory this user can write, found {reason}")
     written = []
     for rel, text in render(prometheus_url, grafana_dir).items():
         path = Path(out_dir) / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
         written.append(path)
     return written

@@ -127,6 +127,8 @@ def _not_a_directory(env: Env, command: str) -> list[str]:
     if command == "convert":
         (env.tmp / PICKLE).write_bytes(pickle.dumps(env.raw))
         return ["data", "convert", str(env.tmp / PICKLE), "--out", str(env.tmp / "afile" / "out")]
+    if command == "dashboards":
+        return ["dashboards", "build", "--out", str(env.tmp / "afile" / "out")]
     return env.train(f"output.dir={env.tmp / 'afile' / 'run'}", command=command)
 
 
@@ -234,6 +236,9 @@ CATALOGUE: dict[str, tuple[Callable[[Env], list[str]], int, tuple[str, ...]]] = 
                                                 ("{tmp}/adir: a directory, and this output is a file", "name a file")),
     "a directory for an output file (synth)": (lambda e: _directory_as_file(e, "synth"), 1,
                                                ("{tmp}/adir: a directory, and this output is a file",)),
+    "unwritable output dir (dashboards build)": (lambda e: _not_a_directory(e, "dashboards"), 1,
+                                                 ("{tmp}/afile/out", "expected a directory this user can write",
+                                                  "found {tmp}/afile is a file")),
     "unwritable output dir (read-only)": (_read_only_dir, 2, ("config key 'output.dir'", "{tmp}/ro is not writable")),
     "Grafana unreachable": (_grafana_unreachable, 1, ("cannot reach Grafana at {url}", "Connection refused")),
     "Prometheus absent": (_prometheus_absent, 1,
