@@ -108,7 +108,7 @@ def measure(cfg, exp: Path, fresh: bool, cold: bool, prestart: bool = False) -> 
 
     started = time.perf_counter()
     with cold_workers() if cold else nullcontext(), prestarted_workers() if prestart else nullcontext():
-        ensure_ray(None)
+        ensure_ray(None, warm_workers=True)  # as tune does for in-process trials (+cold: an empty hook)
     ray_start = time.perf_counter() - started
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrency = min(cfg.search.max_concurrent, int(cpus // cfg.search.cpus_per_trial) or 1)

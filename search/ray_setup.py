@@ -28,12 +28,17 @@ from .shared_data import SharedSplits
 NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, **NO_PRESTART}
 
-# Each worker process of a private local cluster imports the training code as it starts
-# (bench/search_overhead.py: head_s, and its +cold variant). Traced on Ray 2.60: Tune gives each
-# trainable actor a runtime environment of its own (env_vars), so trials never run in the workers
-# the cluster starts with; Ray starts their processes when Tune first asks for trial actors, and
-# this hook imports then. (Ray's preload_python_modules, which would import in those prestarted
-# workers too, measured slower: they import for nothing.)
+# Each worker process of a private local cluster that runs in-process Tune trials imports the
+# training code as it starts (bench/search_overhead.py: head_s, and its +cold variant). Traced on
+# Ray 2.60: Tune gives each trainable actor a runtime environment of its own (env_vars), so trials
+# never run in the workers the cluster starts with; Ray starts their processes when Tune first asks
+# for trial actors, and this hook imports then. (Ray's preload_python_modules, which would import in
+# those prestarted workers too, measured slower: they import for nothing.) Not where Ray Train runs
+# (train.workers >= 1): the hook runs in every process of the job, and Ray Train starts six of its
+# own besides the workers (controller, synchronization, placement-group cleaner, Ray Data's
+# coordinator and dataset manager, preemption watcher), each then importing torch for nothing:
+# `msa-search train --set train.workers=2` of one epoch took 44.8 / 46.2 s with it against
+# 40.5 / 41.4 s without (2026-11-30, 2-vCPU AMD EPYC, interleaved).
 WARM_WORKERS = {"worker_process_setup_hook": "search.warm_workers.import_training"}
 
 
@@ -42,8 +47,9 @@ WARM_WORKERS = {"worker_process_setup_hook": "search.warm_workers.import_trainin
 CHECKPOINTS_KEPT = 2
 
 
-def ensure_ray(address: str | None) -> None:
-    """Join the cluster at `address` (e.g. from `ray up`), or start a private local one.
+def ensure_ray(address: str | None, warm_workers: bool = False) -> None:
+    """Join the cluster at `address` (e.g. from `ray up`), or start a private local one, whose
+    workers import the training code as they start where `warm_workers` (in-process Tune trials).
 
     Never `ray.init()` with no address: that silently joins whatever local cluster happens
     to run on the machine (another user's, another test's)."""
@@ -64,7 +70,7 @@ def ensure_ray(address: str | None) -> None:
         if note:
             print(note, file=sys.stderr)
         ray.init(address="local", log_to_driver=False, dashboard_host="127.0.0.1",
-                 _system_config=LOCAL_RAY_SYSTEM_CONFIG, runtime_env=WARM_WORKERS)
+                 _system_config=LOCAL_RAY_SYSTEM_CONFIG, runtime_env=WARM_WORKERS if warm_workers else None)
 
 
 def owner_only_token(home: Path | None = None) -> str | None:

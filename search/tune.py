@@ -97,7 +97,8 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
         # A new study database takes ~1-3 s (Optuna's schema, in SQLAlchemy): made while Ray starts.
         import optuna  # noqa: F401 (here, not first in the thread beside Ray's imports)
         storage = pool.submit(study_storage, layout) if uses_study(cfg) else None
-        ensure_ray(ray_address)  # a joined cluster was joined by cluster_of(), before the log existed
+        # (a joined cluster was joined by cluster_of(), before the log existed)
+        ensure_ray(ray_address, warm_workers=cfg.train.workers == 0)
         for line in placement.warnings:
             warn(line)
         cfg = placement.apply(cfg)

@@ -1,4 +1,5 @@
-"""The setup hook of a private local cluster's workers (search/ray_setup.py: WARM_WORKERS).
+"""The setup hook of the workers of a private local cluster that runs in-process Tune trials
+(search/ray_setup.py: WARM_WORKERS).
 
 Named by a string in the runtime environment and run by each worker process as it starts, so
 that the imports a trial needs are done before Tune makes the trial's actor of that process.

@@ -152,17 +152,35 @@ def test_multi_cpu_workers_on_cpu_get_the_one_cpu_per_worker_hint(tmp_path):
 
 def test_private_local_cluster_runs_training_workers_at_normal_priority():
     # Ray's default worker niceness (15) made training 20-30% slower than outside Ray on a
-    # busy 2-core machine. A fresh process, so that ensure_ray starts its own cluster.
+    # busy 2-core machine. A fresh process, so that ensure_ray starts its own cluster; with
+    # warm_workers (in-process Tune trials) its workers have imported the training code.
     script = (
-        "import os, ray\n"
+        "import os, sys, ray\n"
         "from search.ray_setup import ensure_ray\n"
-        "ensure_ray(None)\n"
+        "ensure_ray(None, warm_workers=True)\n"
         "print('niceness', ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote()))\n"
+        "print('warm', ray.get(ray.remote(num_cpus=0)(lambda: 'search.trials' in sys.modules).remote()))\n"
         "ray.shutdown()\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"niceness {os.nice(0)}" in out.stdout
+    assert f"niceness {os.nice(0)}" in out.stdout and "warm True" in out.stdout
+
+
+def test_ray_train_runs_start_ray_without_the_import_hook(monkeypatch):
+    """The hook runs in every process of the job: Ray Train's six helpers would each import torch
+    for nothing (search/ray_setup.py). Only in-process Tune trials ask for it."""
+    import ray
+
+    from search.ray_setup import ensure_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    ensure_ray(None)
+    ensure_ray(None, warm_workers=True)
+    assert calls[0]["runtime_env"] is None
+    assert calls[1]["runtime_env"] == {"worker_process_setup_hook": "search.warm_workers.import_training"}
 
 
 def last_checkpoint(run: Path) -> Path:
