@@ -41,7 +41,9 @@ run: install
 # CPU time(1) partly misses: it counted ~610 s for a one-process suite of 1,150 s. On 2 cores,
 # 2026-11-29: 13-14.5 min with two workers against 19 min in one process. Three workers are
 # slower (an AMD box, 2026-11-29: 1,203 s against 1,137 s with two): counting every process's
-# CPU each second, two workers keep both cores ~98% busy. TEST_WORKERS=0: one process.
+# CPU each second, two workers keep both cores ~98% busy. TEST_WORKERS=0: one process. Each
+# worker's torch ops run on its share of the cores (tests/conftest.py): 1,080 s -> 953 s on the
+# AMD box, 2026-11-30.
 TEST_WORKERS ?= 2
 test: install system-packages
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12 tests  # the slowest tests, to keep the suite under 15 min on 2 cores
