@@ -201,6 +201,10 @@ def train(
 
     if resume is not None and init_from is not None:
         raise MsaSearchError("--init-from starts a new run; --resume continues one from its own checkpoint")
+    if init_from is not None:
+        from .weights import local
+
+        init_from = Path(local(init_from))  # a file:// URI, as tune names an output.storage, is a path
     if resume is not None and seeds is not None:
         raise ConfigError("--seeds starts a new seed group; --resume continues a run or a group with its own seeds")
     _resume_keeps_its_config(resume, config, set_)
@@ -444,8 +448,9 @@ def evaluate_cmd(
     which `msa-search report DIR` reads like a run."""
     from .config import load_config
     from .evaluate_checkpoint import evaluate_checkpoint, results_table
-    from .weights import checkpoint_name
+    from .weights import checkpoint_name, local
 
+    checkpoint = Path(local(checkpoint))  # a file:// URI, as tune names an output.storage, is a path
     cfg = load_config(config, set_)
     with err_console.status(f"evaluating {checkpoint.name} on {len(cfg.missing.eval_grid)} patterns"):
         evaluation = evaluate_checkpoint(checkpoint, cfg, out or Path(f"eval-{checkpoint_name(checkpoint)}"),

@@ -97,7 +97,8 @@ def run_experiment(cfg: ExperimentConfig | None, *, resume_dir: Path | None = No
         # A new study database takes ~1-3 s (Optuna's schema, in SQLAlchemy): made while Ray starts.
         import optuna  # noqa: F401 (here, not first in the thread beside Ray's imports)
         storage = pool.submit(study_storage, layout) if uses_study(cfg) else None
-        # (a joined cluster was joined by cluster_of(), before the log existed)
+        # A private cluster starts here (a joined one was joined by cluster_of(), before the log
+        # existed); its workers import the training code as they start for in-process trials.
         ensure_ray(ray_address, warm_workers=cfg.train.workers == 0)
         for line in placement.warnings:
             warn(line)

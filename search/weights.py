@@ -91,10 +91,13 @@ def _stored(layout: Layout) -> Layout:
 
 
 def local(location: Path | str) -> str:
-    """A storage location as --checkpoint takes it: file:// URIs as paths (others stay URIs,
-    to be copied here first)."""
+    """A storage location as a local path: a file:// URI as its path (also as a Path made of
+    one, which reads 'file:/...'); other URIs stay as they are, to be copied here first."""
     location = str(location)
-    return location[len("file://"):] if location.startswith("file://") else location
+    for scheme in ("file://", "file:"):
+        if location.startswith(scheme + "/"):
+            return location[len(scheme):]
+    return location
 
 
 def checkpoint_name(path: Path) -> str:

@@ -88,7 +88,8 @@ def test_status_of_a_run_directory_says_what_it_is(init_run):
 
 def test_a_runs_own_last_checkpoint_evaluates_to_its_last_epoch(init_run):
     # checkpoints/last.pt holds numpy's generator state too: read without running code all the same.
-    r = cli("evaluate", "--checkpoint", str(init_run / "checkpoints" / "last.pt"), "--config",
+    # Named as a file:// URI (as tune's last line names an output.storage): taken as its path.
+    r = cli("evaluate", "--checkpoint", f"file://{init_run / 'checkpoints' / 'last.pt'}", "--config",
             str(init_run / "config.yaml"), "--out", "ev-last", cwd=init_run.parent)
     assert r.returncode == 0, r.stderr
     df = ResultsStore(init_run.parent / "ev-last" / "results").read()
