@@ -202,7 +202,7 @@ def train(
     if resume is not None and init_from is not None:
         raise MsaSearchError("--init-from starts a new run; --resume continues one from its own checkpoint")
     if init_from is not None:
-        from .weights import local
+        from .storage import local
 
         init_from = Path(local(init_from))  # a file:// URI, as tune names an output.storage, is a path
     if resume is not None and seeds is not None:
@@ -448,7 +448,8 @@ def evaluate_cmd(
     which `msa-search report DIR` reads like a run."""
     from .config import load_config
     from .evaluate_checkpoint import evaluate_checkpoint, results_table
-    from .weights import checkpoint_name, local
+    from .storage import local
+    from .weights import checkpoint_name
 
     checkpoint = Path(local(checkpoint))  # a file:// URI, as tune names an output.storage, is a path
     cfg = load_config(config, set_)

@@ -92,6 +92,16 @@ def join(location: str, *parts: str) -> str:
     return str(Path(location, *parts))
 
 
+def local(location: str | Path) -> str:
+    """A location as a local path where it is one: a file:// URI as its path (also as a Path made
+    of one, which reads 'file:/...'); other URIs stay as they are, to be copied here first."""
+    location = str(location)
+    for scheme in ("file://", "file:"):
+        if location.startswith(scheme + "/"):
+            return location[len(scheme):]
+    return location
+
+
 def filesystem(location: str | Path):
     """(pyarrow filesystem, path inside it) of a local path or a URI."""
     from pyarrow import fs

@@ -28,6 +28,7 @@ from models.registry import get_model, model_names
 from .config import ExperimentConfig, load_config
 from .layout import Layout
 from .nested_runs import run_index
+from .storage import local
 from .trainer import load_checkpoint
 
 StateDict = dict[str, torch.Tensor]
@@ -85,19 +86,9 @@ def _stored(layout: Layout) -> Layout:
     """The experiment's layout with the storage its config names (as it was, where the config
     cannot be read: this only words an error)."""
     try:
-        return layout.with_config(load_config(layout.config))
+        return layout.with_config(load_config(layout.config, stored=True))
     except Exception:  # noqa: BLE001
         return layout
-
-
-def local(location: Path | str) -> str:
-    """A storage location as a local path: a file:// URI as its path (also as a Path made of
-    one, which reads 'file:/...'); other URIs stay as they are, to be copied here first."""
-    location = str(location)
-    for scheme in ("file://", "file:"):
-        if location.startswith(scheme + "/"):
-            return location[len(scheme):]
-    return location
 
 
 def checkpoint_name(path: Path) -> str:
